@@ -1,0 +1,1 @@
+"""seqio tasks and mixtures of lmindexer_jax, registered on import (`import tasks`)."""
