@@ -1,0 +1,114 @@
+"""Command-line gin for the entry points, as t5x does it.
+
+`--gin_file` (repeatable, composed in order), `--gin.KEY=VALUE` (rewritten to
+`--gin_bindings`), `--gin_search_paths`. Gin files bind the entry function as
+`train_script.train` after `import __main__ as train_script`. The resolved config is
+written to `MODEL_DIR/config.gin`. Only entry points import this module.
+"""
+
+from collections.abc import Callable
+from collections.abc import Sequence
+import importlib.resources
+import os
+import re
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+
+import gin
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order; later files win.")
+flags.DEFINE_multi_string("gin_bindings", [], "Individual bindings, applied after the files.")
+flags.DEFINE_list(
+    "gin_search_paths",
+    [],
+    "Extra directories for resolving --gin_file and gin `include`s; the current directory and "
+    "the installed package's gin files are always searched.",
+)
+flags.DEFINE_bool("traceback", False, "Print the full traceback of configuration errors.")
+
+# Errors from the user's input (config, paths, files): one line, no traceback.
+_USER_ERRORS = (ValueError, OSError, KeyError)
+
+
+def default_search_paths() -> list[str]:
+  """The current directory and the directory holding the installed `gin/` folder."""
+  gin_dir = str(importlib.resources.files("lmindexer_jax.gin"))
+  return [os.getcwd(), os.path.dirname(gin_dir)]
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """`--gin.KEY=VALUE` -> `--gin_bindings=KEY = VALUE`."""
+  out = []
+  for arg in argv:
+    match = re.fullmatch(r"--gin\.([^=]+)=(.*)", arg, flags=re.DOTALL)
+    out.append(f"--gin_bindings={match[1]} = {match[2]}" if match else arg)
+  return out
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
+  """Parses files then bindings; a REQUIRED macro left unset raises a readable error."""
+  for path in [*search_paths, *default_search_paths()]:
+    gin.add_config_file_search_path(path)
+  try:
+    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=True)
+  except ValueError as e:
+    unset = re.search(r"(\S+)/macro\.value set to `%gin\.REQUIRED`", str(e))
+    if unset:
+      raise ValueError(
+          f"Required macro {unset[1]} is not set: pass --gin.{unset[1]}=... or bind it in a "
+          "gin file."
+      ) from None
+    raise
+
+
+def write_config(model_dir: str) -> None:
+  """Writes every binding in force to `model_dir/config.gin` (atomically, process 0)."""
+  import jax  # Imported here so that parsing flags stays light.
+
+  if jax.process_index() != 0:
+    return
+  os.makedirs(model_dir, exist_ok=True)
+  path = os.path.join(model_dir, "config.gin")
+  with open(path + ".tmp", "w") as f:
+    f.write(gin.config_str())
+  os.replace(path + ".tmp", path)
+
+
+def run(fn: Callable[..., Any], name: str) -> Any:
+  """Registers `fn` as `__main__.<name>`, parses the command line's gin, calls it."""
+  configurable = gin.external_configurable(fn, name=name, module="__main__")
+  parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+  model_dir = gin.query_parameter("MODEL_DIR/macro.value") if _has_macro("MODEL_DIR") else None
+  if model_dir:
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+      raise NotADirectoryError(f"MODEL_DIR {model_dir!r} exists and is not a directory.")
+    write_config(model_dir)
+  return configurable()
+
+
+def _has_macro(name: str) -> bool:
+  try:
+    gin.query_parameter(f"{name}/macro.value")
+    return True
+  except ValueError:
+    return False
+
+
+def launch(main: Callable[[list[str]], None]) -> None:
+  """`absl.app.run(main)` with t5x's `--gin.` syntax and one-line errors for bad input."""
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except _USER_ERRORS as e:
+      if FLAGS.traceback:
+        raise
+      message = " ".join(str(e).split())
+      print(f"error: {type(e).__name__}: {message} (--traceback for details)", file=sys.stderr)
+      sys.exit(1)
+
+  app.run(guarded, argv=rewrite_gin_args(sys.argv))

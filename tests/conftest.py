@@ -1,0 +1,16 @@
+"""Test set-up shared by every test module."""
+
+import os
+import tempfile
+
+# Eight simulated CPU devices, so mesh tests run on any machine. Must precede importing jax.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Keep tests' trained vocabularies out of the user's cache.
+os.environ.setdefault(
+    "LMINDEXER_CACHE", os.path.join(tempfile.gettempdir(), "lmindexer_test_cache")
+)
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
