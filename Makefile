@@ -16,7 +16,7 @@ $(STAMP): setup.py
 	@touch $(STAMP)
 
 quickstart: install
-	$(PY) -m lmindexer_jax.train --gin_file=gin/quickstart.gin --gin.MODEL_DIR="'runs/quickstart'"
+	$(PY) -m lmindexer_jax.train --gin_file=gin/quickstart.gin
 
 lint: install
 	$(VENV)/bin/ruff check .

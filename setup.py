@@ -19,9 +19,11 @@ _INSTALL_REQUIRES = [
     "gin-config==0.5.0",
     "sentencepiece==0.2.3",
     "clu==0.0.12",
+    "tensorboard==2.21.0",
     "absl-py",
     "numpy",
     "scikit-learn==1.9.1",
+    "pyarrow==26.0.1",
 ]
 
 _TEST_REQUIRES = [

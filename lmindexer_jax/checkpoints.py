@@ -8,6 +8,7 @@ step.
 """
 
 import dataclasses
+import os
 from typing import Any
 
 from etils import epath
@@ -60,7 +61,7 @@ class Checkpointer:
   def __init__(self, directory: str, config: CheckpointConfig):
     self._config = config
     self._manager = ocp.CheckpointManager(
-        epath.Path(directory),
+        epath.Path(os.path.abspath(directory)),  # Orbax requires absolute paths.
         options=ocp.CheckpointManagerOptions(
             max_to_keep=config.keep,
             create=True,

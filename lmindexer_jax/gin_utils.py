@@ -8,7 +8,6 @@ written to `MODEL_DIR/config.gin`. Only entry points import this module.
 
 from collections.abc import Callable
 from collections.abc import Sequence
-import importlib.resources
 import os
 import re
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 
 import gin
 
@@ -35,9 +35,14 @@ _USER_ERRORS = (ValueError, OSError, KeyError)
 
 
 def default_search_paths() -> list[str]:
-  """The current directory and the directory holding the installed `gin/` folder."""
-  gin_dir = str(importlib.resources.files("lmindexer_jax.gin"))
-  return [os.getcwd(), os.path.dirname(gin_dir)]
+  """The current directory and the directory holding `gin/`.
+
+  That is the package itself when installed (setup.py ships gin/ as lmindexer_jax/gin) and the
+  repository root in a source checkout.
+  """
+  package_dir = os.path.dirname(os.path.abspath(__file__))
+  candidates = [package_dir, os.path.dirname(package_dir)]
+  return [os.getcwd()] + [d for d in candidates if os.path.isdir(os.path.join(d, "gin"))]
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -102,6 +107,8 @@ def launch(main: Callable[[list[str]], None]) -> None:
   """`absl.app.run(main)` with t5x's `--gin.` syntax and one-line errors for bad input."""
 
   def guarded(argv):
+    if not FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # Progress lines, not every library's INFO log.
     try:
       main(argv)
     except _USER_ERRORS as e:

@@ -69,10 +69,12 @@ class Partitioner:
   @functools.cached_property
   def mesh(self) -> Mesh:
     n = self.num_devices or jax.device_count()
-    # jax.make_mesh orders devices for the physical topology (TPU ICI rings, hosts).
+    # jax.make_mesh orders devices for the physical topology (TPU ICI rings, hosts). Auto axes:
+    # the compiler propagates shardings from the constraints, as pjit did for t5x.
     return jax.make_mesh(
         (n // self.num_partitions, self.num_partitions),
         (DATA_AXIS, MODEL_AXIS),
+        axis_types=(jax.sharding.AxisType.Auto,) * 2,
         devices=jax.devices()[:n],
     )
 

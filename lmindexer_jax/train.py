@@ -74,8 +74,12 @@ def state_shardings(
   rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32)
   boxed = jax.eval_shape(model.init_params, rng_spec, batch_spec)
   param_shardings = partitioner.shardings(nn.get_partition_spec(boxed))
+  abstract_params = jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False), boxed,
+      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+  )
   opt_shardings = partitioning.optimizer_state_shardings(
-      tx, nn.meta.unbox(boxed), param_shardings, partitioner.mesh
+      tx, abstract_params, param_shardings, partitioner.mesh
   )
   shardings = TrainState(partitioner.replicated, param_shardings, opt_shardings)
 

@@ -1,0 +1,70 @@
+"""Bad input on the command line ends with one clear error line, non-zero, nothing written."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _train(*args: str, cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, "-m", "lmindexer_jax.train", *args],
+      cwd=cwd, capture_output=True, text=True, timeout=300,
+  )
+
+
+def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
+  return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+_SMOKE = ["--gin_file=gin/models/t5_tiny.gin", "--gin_file=gin/runs/seq2seq_smoke.gin"]
+
+
+@pytest.mark.parametrize(
+    "gin_text, expected",
+    [
+        ("train_script.train.total_steps = ((", r'bad.gin", line 1'),
+        ("train_script.train.no_such_argument = 3", "no_such_argument"),
+    ],
+)
+def test_bad_gin_file(tmp_path, gin_text, expected):
+  bad = tmp_path / "bad.gin"
+  bad.write_text("from __gin__ import dynamic_registration\nimport __main__ as train_script\n"
+                 + gin_text + "\n")
+  model_dir = tmp_path / "run"
+  result = _train(*_SMOKE, f"--gin_file={bad}", f"--gin.MODEL_DIR='{model_dir}'")
+  assert result.returncode != 0
+  (line,) = _error_lines(result)
+  assert expected.split(",")[-1].strip() in line, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not model_dir.exists()
+
+
+def test_missing_required_macro(tmp_path):
+  result = _train(*_SMOKE, cwd=REPO)
+  assert result.returncode != 0
+  (line,) = _error_lines(result)
+  assert "MODEL_DIR" in line and "--gin.MODEL_DIR" in line, line
+
+
+def test_model_dir_that_is_a_file(tmp_path):
+  not_a_dir = tmp_path / "model_dir"
+  not_a_dir.write_text("precious")
+  result = _train(*_SMOKE, f"--gin.MODEL_DIR='{not_a_dir}'")
+  assert result.returncode != 0
+  (line,) = _error_lines(result)
+  assert "is not a directory" in line and str(not_a_dir) in line
+  assert not_a_dir.read_text() == "precious"
+
+
+def test_runs_from_any_directory(tmp_path):
+  """gin/ and tasks/ are installed: `--gin_file=gin/...` resolves outside the repository."""
+  model_dir = tmp_path / "m"
+  result = _train(*_SMOKE, "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4",
+                  f"--gin.MODEL_DIR='{model_dir}'", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (model_dir / "metrics.jsonl").read_text().count("\n") == 1
+  assert "TRAIN_STEPS = 2" in (model_dir / "config.gin").read_text()
