@@ -16,7 +16,6 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
-
 import gin
 
 FLAGS = flags.FLAGS
@@ -55,11 +54,19 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
-  """Parses files then bindings; a REQUIRED macro left unset raises a readable error."""
+  """Parses files, then bindings, then finalises; every failure names where it happened."""
   for path in [*search_paths, *default_search_paths()]:
     gin.add_config_file_search_path(path)
+  for source, parse_one in [
+      *[(f"gin file {f!r}", lambda f=f: gin.parse_config_file(f)) for f in gin_files],
+      *[(f"binding {b!r}", lambda b=b: gin.parse_config(b)) for b in bindings],
+  ]:
+    try:
+      parse_one()
+    except Exception as e:  # gin raises ValueError, SyntaxError, TokenError, IOError...
+      raise ValueError(f"In {source}: {e}") from e
   try:
-    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=True)
+    gin.finalize()
   except ValueError as e:
     unset = re.search(r"(\S+)/macro\.value set to `%gin\.REQUIRED`", str(e))
     if unset:

@@ -16,7 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TOTAL_STEPS = 40
+TOTAL_STEPS = 120
+PERIOD = 30
 
 
 def _command(model_dir: pathlib.Path, *extra: str) -> list[str]:
@@ -27,9 +28,9 @@ def _command(model_dir: pathlib.Path, *extra: str) -> list[str]:
       f"--gin.MODEL_DIR='{model_dir}'",
       f"--gin.TRAIN_STEPS={TOTAL_STEPS}",
       "--gin.BATCH_SIZE=8",
-      "--gin.checkpoints.CheckpointConfig.period=10",
+      f"--gin.checkpoints.CheckpointConfig.period={PERIOD}",
       "--gin.checkpoints.CheckpointConfig.keep=3",
-      "--gin.train_script.train.log_period=1",
+      "--gin.train.log_period=1",
       *extra,
   ]
 
@@ -57,7 +58,8 @@ def _run_until(model_dir, step: int, sig: int) -> tuple[int, str]:
   for line in proc.stdout:
     lines.append(line)
     match = re.match(r"\[train\] step (\d+)/", line)
-    if match and int(match[1]) >= step:
+    # Orbax saves asynchronously: wait until the checkpoint before `step` is on disk.
+    if match and int(match[1]) >= step and _checkpoint_steps(model_dir):
       proc.send_signal(sig)
       break
   lines.extend(proc.stdout)
@@ -70,7 +72,10 @@ def _final_params(model_dir: pathlib.Path) -> dict:
 
 
 def _checkpoint_steps(model_dir: pathlib.Path) -> list[int]:
-  return sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit())
+  directory = model_dir / "checkpoints"
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 @pytest.fixture(scope="module")
@@ -90,21 +95,23 @@ def test_straight_run_learns_and_logs(straight_run):
     assert key in records[-1]
   assert (straight_run / "config.gin").read_text().count("train_script.train") >= 1
   assert list((straight_run / "tensorboard").iterdir())
-  assert _checkpoint_steps(straight_run) == [20, 30, 40]  # keep=3
+  assert _checkpoint_steps(straight_run) == [60, 90, 120]  # keep=3
 
 
 def test_sigkill_then_sigterm_then_resume_equals_straight_run(straight_run, tmp_path):
   model_dir = tmp_path / "interrupted"
-  # 1. Killed without warning after step 15: the step-10 checkpoint survives.
-  code, out = _run_until(model_dir, 15, signal.SIGKILL)
+  # 1. Killed without warning mid-way: the last finished checkpoint survives.
+  code, out = _run_until(model_dir, PERIOD + 1, signal.SIGKILL)
   assert code == -signal.SIGKILL, out[-2000:]
-  assert _checkpoint_steps(model_dir)[-1] in (10, 20)
-  # 2. Resumed, then preempted with SIGTERM after step 25: it saves and exits 0.
-  code, out = _run_until(model_dir, 25, signal.SIGTERM)
+  killed_at = _checkpoint_steps(model_dir)[-1]
+  assert killed_at < TOTAL_STEPS
+  # 2. Resumed, then preempted with SIGTERM: it saves at the next step boundary and exits 0.
+  code, out = _run_until(model_dir, killed_at + 10, signal.SIGTERM)
   assert code == 0, out[-3000:]
-  assert re.search(r"resumed from step (10|20)", out), out[-3000:]
+  assert f"resumed from step {killed_at}" in out, out[-3000:]
   preempted_at = _checkpoint_steps(model_dir)[-1]
-  assert 25 <= preempted_at < TOTAL_STEPS
+  assert killed_at + 10 <= preempted_at < TOTAL_STEPS
+  assert "SIGTERM: saved a checkpoint" in out
   # 3. Resumed to the end.
   result = _run(model_dir)
   assert result.returncode == 0, result.stderr[-3000:]
