@@ -124,8 +124,9 @@ def optimizer_state_shardings(
   replicated = NamedSharding(mesh, PartitionSpec())
   return optax.tree_map_params(
       tx,
-      lambda _, sharding: sharding,
+      lambda leaf, param, sharding: sharding if leaf.shape == param.shape else replicated,
       abstract_state,
+      abstract_params,
       param_shardings,
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, NamedSharding),

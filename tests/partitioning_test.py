@@ -119,3 +119,25 @@ def test_optimizer_moments_follow_their_parameters():
 def test_num_partitions_must_divide_devices():
   with pytest.raises(ValueError, match="num_partitions"):
     partitioning.Partitioner(num_partitions=3, num_devices=8)
+
+
+def test_adafactor_state_shards_and_trains():
+  """Factored second moments are not parameter-shaped: they are replicated, and training runs."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  partitioner = partitioning.Partitioner(num_partitions=2)
+  model = _tiny_model()
+  tx = optimizers.adafactor(1e-2, total_steps=10).tx
+  batch = _batch()
+  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  with partitioner.activate():
+    shardings, init = train.state_shardings(model, tx, partitioner, batch_spec)
+    state = init(jax.random.PRNGKey(0))
+    step_fn = train.jit_train_step(model, tx, partitioner, shardings, batch_spec)
+    losses = []
+    for _ in range(3):
+      state, metrics = step_fn(state, partitioner.global_batch(batch), jax.random.PRNGKey(1))
+      losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0]
+  specs = {s.spec for s in jax.tree.leaves(shardings.opt_state)}
+  assert P() in specs
