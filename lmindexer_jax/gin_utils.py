@@ -94,12 +94,31 @@ def run(fn: Callable[..., Any], name: str) -> Any:
   """Registers `fn` as `__main__.<name>`, parses the command line's gin, calls it."""
   configurable = gin.external_configurable(fn, name=name, module="__main__")
   parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+  configure_task_settings()
   model_dir = gin.query_parameter("MODEL_DIR/macro.value") if _has_macro("MODEL_DIR") else None
   if model_dir:
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):
       raise NotADirectoryError(f"MODEL_DIR {model_dir!r} exists and is not a directory.")
     write_config(model_dir)
   return configurable()
+
+
+def configure_task_settings() -> None:
+  """Hands gin-bound dataset settings (corpus sizes, the ID file) to the lazy seqio tasks.
+
+  Gin's dynamic registration binds a configurable without replacing the class in its module,
+  so the tasks (which never import gin) read the configured instances from `tasks.settings`.
+  """
+  from tasks import settings
+
+  def from_gin(cls):
+    try:
+      configurable = gin.get_configurable(cls)
+    except ValueError:  # No gin file imports it: the task keeps its default.
+      return None
+    return configurable()
+
+  settings.configure_from(from_gin)
 
 
 def _has_macro(name: str) -> bool:

@@ -5,8 +5,6 @@ learns it in a few hundred steps, so a falling loss shows the whole stack works.
 """
 
 import functools
-import hashlib
-import os
 import random
 
 import seqio
@@ -44,25 +42,11 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.
   return tf.data.Dataset.from_tensor_slices({"inputs": list(inputs), "targets": list(targets)})
 
 
-class _LazySentencePieceVocabulary(seqio.SentencePieceVocabulary):
-  """Trains its model on the task's own text the first time it is needed."""
-
-  def __init__(self, vocab_size: int):
-    digest = hashlib.sha1(repr((_words(), vocab_size)).encode()).hexdigest()[:12]
-    cache = os.environ.get("LMINDEXER_CACHE", os.path.expanduser("~/.cache/lmindexer_jax"))
-    self._vocab_size_request = vocab_size
-    super().__init__(os.path.join(cache, f"smoke-{digest}.model"), extra_ids=0)
-
-  def _model_context(self):
-    if not os.path.exists(self.sentencepiece_model_file):
-      text = (s for pair in _examples("train")[:2000] for s in pair)
-      vocabularies.train_sentencepiece(
-          text, self.sentencepiece_model_file, self._vocab_size_request
-      )
-    return super()._model_context()
-
-
-VOCABULARY = _LazySentencePieceVocabulary(vocab_size=128)
+VOCABULARY = vocabularies.cached_sentencepiece_vocabulary(
+    f"smoke:{_words()}", lambda: (s for pair in _examples("train")[:2000] for s in pair),
+    vocab_size=128,
+    extra_ids=0,
+)
 
 seqio.TaskRegistry.add(
     TASK_NAME,
