@@ -311,6 +311,18 @@ def extend_vocab(params: Mapping[str, Any], new_vocab_size: int, rng: jax.Array)
   return params
 
 
+def pretrained_params(hf_dir: str, vocab_size: int | None = None, seed: int = 0) -> dict:
+  """A Hugging Face T5 folder's parameters for training, e.g. `train(init_params_fn=...)`.
+
+  With `vocab_size` larger than the checkpoint's (code tokens appended to the base
+  vocabulary), the new rows are initialised by `extend_vocab` with `seed`.
+  """
+  _, params = load_checkpoint(hf_dir)
+  if vocab_size is not None:
+    params = extend_vocab(params, vocab_size, jax.random.PRNGKey(seed))
+  return params
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   flat = {}
   for key, value in tree.items():

@@ -90,6 +90,33 @@ def state_shardings(
   return shardings, jax.jit(init, out_shardings=shardings)
 
 
+def state_from_params(
+    params: Any, abstract_state: TrainState, shardings: TrainState,
+    tx: optax.GradientTransformation,
+) -> TrainState:
+  """A step-0 state around given (e.g. pretrained) parameters, placed on `shardings`."""
+  expected = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+  given = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  for path, x in expected:
+    if path not in given:
+      raise ValueError(f"Initial parameters lack {jax.tree_util.keystr(path)} {x.shape}.")
+    if tuple(np.shape(given[path])) != x.shape:
+      raise ValueError(
+          f"Initial parameter {jax.tree_util.keystr(path)} has shape {np.shape(given[path])}, "
+          f"the model expects {x.shape}."
+      )
+  if len(given) != len(expected):
+    extra = sorted(jax.tree_util.keystr(p) for p in set(given) - {p for p, _ in expected})
+    raise ValueError(f"Initial parameters have entries the model lacks: {extra}.")
+  params = jax.tree.map(
+      lambda x, a: jnp.asarray(x, a.dtype), params, abstract_state.params
+  )
+  params = jax.device_put(params, shardings.params)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  return TrainState(step, params, opt_state)
+
+
 def jit_train_step(
     model: models.BaseModel,
     tx: optax.GradientTransformation,
@@ -213,9 +240,13 @@ def train(
     checkpoint_cfg: checkpoints.CheckpointConfig | None = None,
     seed: int = 0,
     log_period: int = 10,
+    init_params_fn: Callable[[], Any] | None = None,
     feature_converter_cls: type = data.seqio.EncDecFeatureConverter,
 ) -> TrainState:
   """Trains `model` for `total_steps` steps, resuming from `model_dir` if it has checkpoints.
+
+  `init_params_fn`, when given, returns the parameters a fresh run starts from (e.g.
+  `checkpoint_import.pretrained_params`); they must match the model's shapes.
 
   Returns:
     The final train state (sharded over the partitioner's mesh).
@@ -243,15 +274,18 @@ def train(
   )
   rng = jax.random.PRNGKey(seed)
   params_rng, dropout_rng = jax.random.split(rng)
-  # Restore order: (1) the latest checkpoint in model_dir, (2) a fresh initialisation.
+  # Restore order: (1) the latest checkpoint in model_dir, (2) `init_params_fn`'s parameters,
+  # (3) a fresh initialisation.
   latest = checkpointer.latest_step()
+  abstract = checkpoints.abstract_with_shardings(
+      jax.eval_shape(init_state, params_rng), shardings
+  )
   with partitioner.activate():
     if latest is not None:
-      abstract = checkpoints.abstract_with_shardings(
-          jax.eval_shape(init_state, params_rng), shardings
-      )
       state = checkpointer.restore(latest, abstract, iterator)
       _say(f"resumed from step {latest} in {model_dir}")
+    elif init_params_fn is not None:
+      state = state_from_params(init_params_fn(), abstract, shardings, optimizer.tx)
     else:
       state = init_state(params_rng)
   step = int(state.step)

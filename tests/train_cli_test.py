@@ -1,10 +1,12 @@
 """Bad input on the command line ends with one clear error line, non-zero, nothing written."""
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -70,3 +72,23 @@ def test_runs_from_any_directory(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert (model_dir / "metrics.jsonl").read_text().count("\n") == 1
   assert "TRAIN_STEPS = 2" in (model_dir / "config.gin").read_text()
+
+
+def test_hugging_face_folder_with_a_wrong_tensor(tmp_path):
+  from safetensors.numpy import save_file
+
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  (hf_dir / "config.json").write_text(json.dumps(dict(
+      model_type="t5", vocab_size=128, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+      feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+  )))
+  save_file({"shared.weight": np.zeros((5, 32), np.float32)}, str(hf_dir / "model.safetensors"))
+  model_dir = tmp_path / "run"
+  result = _train(*_SMOKE, "--gin_file=gin/runs/init_from_hf.gin", f"--gin.HF_DIR='{hf_dir}'",
+                  f"--gin.MODEL_DIR='{model_dir}'")
+  assert result.returncode != 0
+  (line,) = _error_lines(result)
+  assert str(hf_dir) in line and "shared.weight" in line, line
+  assert "Traceback" not in result.stderr
+  assert not (model_dir / "checkpoints").exists() or not any((model_dir / "checkpoints").iterdir())
