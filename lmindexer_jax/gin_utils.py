@@ -140,7 +140,9 @@ def launch(main: Callable[[list[str]], None]) -> None:
     except _USER_ERRORS as e:
       if FLAGS.traceback:
         raise
-      message = " ".join(str(e).split())
+      # gin appends "In call to configurable 'x' (<function ...>)" per level: not for users.
+      message = re.sub(r"\s*In call to configurable '[^']*' \(<[^>]*>\)", "", str(e))
+      message = " ".join(message.split())
       print(f"error: {type(e).__name__}: {message} (--traceback for details)", file=sys.stderr)
       sys.exit(1)
 
