@@ -1,10 +1,10 @@
 """Orbax checkpoints of the train state and of the input pipeline's position.
 
 A checkpoint step holds two items: `state` (the sharded train state, restored straight into
-its shardings) and `dataset` (each process's tf.data iterator, so a resumed run reads exactly
-the batches an uninterrupted run would have read). Orbax writes each step to a temporary
-directory and renames it when complete, so a run killed mid-save resumes from the previous
-step.
+its shardings) and `dataset` (each process's input position, `data.BatchIterator.save`, so a
+resumed run reads exactly the batches an uninterrupted run would have read). Orbax writes each
+step to a temporary directory and renames it when complete, so a run killed mid-save resumes
+from the previous step.
 """
 
 import dataclasses
@@ -14,7 +14,8 @@ from typing import Any
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
-import tensorflow as tf
+
+from lmindexer_jax import data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,28 +32,26 @@ class CheckpointConfig:
 
 
 class DatasetIteratorHandler(ocp.CheckpointHandler):
-  """Saves each process's tf.data iterator under `process_<index>` in the item directory."""
+  """Saves a `data.BatchIterator`'s position (each process writes its own)."""
 
   def save(self, directory: epath.Path, args: "DatasetIteratorSave"):
-    prefix = directory / f"process_{jax.process_index()}" / "iterator"
-    tf.train.Checkpoint(iterator=args.iterator).write(str(prefix))
+    args.iterator.save(str(directory))
 
   def restore(self, directory: epath.Path, args: "DatasetIteratorRestore"):
-    prefix = directory / f"process_{jax.process_index()}" / "iterator"
-    tf.train.Checkpoint(iterator=args.iterator).read(str(prefix)).assert_consumed()
+    args.iterator.restore(str(directory))
     return args.iterator
 
 
 @ocp.args.register_with_handler(DatasetIteratorHandler, for_save=True)
 @dataclasses.dataclass
 class DatasetIteratorSave(ocp.args.CheckpointArgs):
-  iterator: tf.data.Iterator
+  iterator: data.BatchIterator
 
 
 @ocp.args.register_with_handler(DatasetIteratorHandler, for_restore=True)
 @dataclasses.dataclass
 class DatasetIteratorRestore(ocp.args.CheckpointArgs):
-  iterator: tf.data.Iterator
+  iterator: data.BatchIterator
 
 
 class Checkpointer:
@@ -81,7 +80,7 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, iterator: tf.data.Iterator | None = None) -> None:
+  def save(self, step: int, state: Any, iterator: data.BatchIterator | None = None) -> None:
     """Starts an asynchronous save of `state` (and the data iterator) at `step`."""
     items = {"state": ocp.args.StandardSave(state)}
     if iterator is not None:
@@ -89,7 +88,7 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(
-      self, step: int, abstract_state: Any, iterator: tf.data.Iterator | None = None
+      self, step: int, abstract_state: Any, iterator: data.BatchIterator | None = None
   ) -> Any:
     """Restores `step` into the shapes and shardings of `abstract_state`.
 

@@ -2,14 +2,16 @@
 
 Each process reads its own shard of the task (`seqio.ShardInfo` by process index) and batches
 `batch_size / process_count` examples; `Partitioner.global_batch` assembles the global batch.
-The pipeline is deterministic for a seed, and its tf.data iterator is checkpointed with the
-train state.
+The pipeline is deterministic for a seed, and its position is checkpointed with the train
+state: the trainer reads any `BatchIterator`, a seqio task's (`SeqioIterator`) or one of the
+indexer's.
 """
 
-from collections.abc import Iterator
+import abc
 from collections.abc import Mapping
 import dataclasses
 import importlib
+import os
 
 import jax
 import numpy as np
@@ -69,7 +71,60 @@ def get_dataset(
   return ds.batch(cfg.batch_size // n, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def numpy_batches(iterator: tf.data.Iterator) -> Iterator[dict[str, np.ndarray]]:
-  """Numpy views of a tf.data iterator's batches, keeping the checkpointable iterator."""
-  for batch in iterator:
-    yield {k: v.numpy() for k, v in batch.items()}
+class BatchIterator(abc.ABC):
+  """Per-process numpy batches whose position can be saved and restored.
+
+  `save`/`restore` write and read this process's position under a directory of the
+  checkpoint (each process its own file), so a resumed run reads exactly the batches an
+  uninterrupted run would have read.
+  """
+
+  @property
+  @abc.abstractmethod
+  def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one per-process batch."""
+
+  @abc.abstractmethod
+  def __next__(self) -> dict[str, np.ndarray]: ...
+
+  def __iter__(self):
+    return self
+
+  @abc.abstractmethod
+  def save(self, directory: str) -> None: ...
+
+  @abc.abstractmethod
+  def restore(self, directory: str) -> None: ...
+
+
+class SeqioIterator(BatchIterator):
+  """Batches of a seqio task or mixture; the tf.data iterator is checkpointed by TensorFlow."""
+
+  def __init__(
+      self,
+      cfg: DatasetConfig,
+      feature_converter_cls: type[seqio.FeatureConverter] = seqio.EncDecFeatureConverter,
+      num_epochs: int | None = None,
+  ):
+    dataset = get_dataset(cfg, feature_converter_cls, num_epochs)
+    self._spec = {
+        k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype.as_numpy_dtype)
+        for k, v in dataset.element_spec.items()
+    }
+    self._iterator = iter(dataset)
+
+  @property
+  def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    return self._spec
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in next(self._iterator).items()}
+
+  def _prefix(self, directory: str) -> str:
+    return os.path.join(directory, f"process_{jax.process_index()}", "iterator")
+
+  def save(self, directory: str) -> None:
+    tf.train.Checkpoint(iterator=self._iterator).write(self._prefix(directory))
+
+  def restore(self, directory: str) -> None:
+    tf.train.Checkpoint(iterator=self._iterator).read(self._prefix(directory)).assert_consumed()

@@ -232,7 +232,7 @@ def prepare_model_dir(model_dir: str) -> None:
 def train(
     *,
     model: models.BaseModel,
-    train_dataset_cfg: data.DatasetConfig,
+    train_dataset_cfg: data.DatasetConfig | data.BatchIterator,
     optimizer: optimizers.Optimizer,
     total_steps: int,
     model_dir: str,
@@ -245,6 +245,9 @@ def train(
 ) -> TrainState:
   """Trains `model` for `total_steps` steps, resuming from `model_dir` if it has checkpoints.
 
+  `train_dataset_cfg` names a seqio task (t5x's DatasetConfig) or is any `data.BatchIterator`
+  (the indexer's document batches).
+
   `init_params_fn`, when given, returns the parameters a fresh run starts from (e.g.
   `checkpoint_import.pretrained_params`); they must match the model's shapes.
 
@@ -253,19 +256,24 @@ def train(
   """
   prepare_model_dir(model_dir)
   partitioner = partitioner or partitioning.Partitioner()
-  if train_dataset_cfg.batch_size % partitioner.data_parallel_size:
-    raise ValueError(
-        f"batch_size ({train_dataset_cfg.batch_size}) must be divisible by the data-parallel "
-        f"size ({partitioner.data_parallel_size})."
-    )
 
   # ---------------------------------- Input pipeline -------------------------------------
-  dataset = data.get_dataset(train_dataset_cfg, feature_converter_cls)
-  iterator = iter(dataset)
+  iterator = (
+      train_dataset_cfg
+      if isinstance(train_dataset_cfg, data.BatchIterator)
+      else data.SeqioIterator(train_dataset_cfg, feature_converter_cls)
+  )
+  # Global batch = per-process batch x processes.
   batch_spec = {
-      k: jax.ShapeDtypeStruct((train_dataset_cfg.batch_size, *v.shape[1:]), v.dtype.as_numpy_dtype)
-      for k, v in dataset.element_spec.items()
+      k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype)
+      for k, v in iterator.element_spec.items()
   }
+  global_batch_size = next(iter(batch_spec.values())).shape[0]
+  if global_batch_size % partitioner.data_parallel_size:
+    raise ValueError(
+        f"batch_size ({global_batch_size}) must be divisible by the data-parallel size "
+        f"({partitioner.data_parallel_size})."
+    )
 
   # ------------------------------------ State --------------------------------------------
   shardings, init_state = state_shardings(model, optimizer.tx, partitioner, batch_spec)
@@ -299,7 +307,7 @@ def train(
   pending = None  # (step, metrics) of the last step, fetched after dispatching the next.
   with _sigterm_flag() as sigterm, partitioner.activate():
     while step < total_steps:
-      batch = partitioner.global_batch({k: v.numpy() for k, v in next(iterator).items()})
+      batch = partitioner.global_batch(next(iterator))
       state, metrics = step_fn(state, batch, dropout_rng)
       step += 1
       if pending is not None:
