@@ -1,0 +1,418 @@
+"""The whole progressive indexing schedule, one resumable command.
+
+  warmup -> for each position t: nocode_t -> kmeans_t -> quantized_t -> assign_t -> ... -> ids
+
+- warmup: the reconstructor learns to read h with T5 frozen (before position 1).
+- nocode_t: train with the reconstructor reading the continuous h_t.
+- kmeans_t: encode the corpus, k-means on h_t (`kmeans.py`); the centres initialise E_t.
+- quantized_t: train with the straight-through quantizer.
+- assign_t: c_t = argmax h_t E_t^T for every document; E_t is copied into the embeddings of
+  position t's ID tokens, so the trained T5 itself assigns IDs by greedy decoding.
+- ids: documents sharing a full ID get a disambiguation code; `semantic_ids.tsv` and
+  `index_stats.json` are written atomically.
+
+Each stage lives in `MODEL_DIR/stages/<name>/`; a training stage resumes from its last
+checkpoint and a finished stage (its `done.json`) is skipped, so a rerun after a kill goes on
+where it stopped.
+
+Legend: N documents, L length, D d_model, B batch, P previous codes, G negatives, K codes.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import orbax.checkpoint as ocp
+import seqio
+
+from lmindexer_jax import checkpoints
+from lmindexer_jax import data
+from lmindexer_jax import indexer
+from lmindexer_jax import kmeans
+from lmindexer_jax import metrics
+from lmindexer_jax import optimizers
+from lmindexer_jax import partitioning
+from lmindexer_jax import quantizer
+from lmindexer_jax import siblings
+from lmindexer_jax import t5
+from lmindexer_jax import train
+from lmindexer_jax import vocabularies
+from tasks import semantic_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Steps and batch sizes of the stages (gin-bound).
+
+  Attributes:
+    batch_size: global training batch (documents).
+    warmup_steps, nocode_steps, quantized_steps: steps of each training stage (per position
+      for the last two).
+    learning_rate: peak AdamW learning rate of every stage (linear warmup over 10%, then decay).
+    kmeans_restarts, kmeans_iters: k-means runs and Lloyd iterations.
+    eval_batch_size: batch for encoding the corpus.
+    checkpoint_period, log_period: as in `train.train`.
+  """
+
+  batch_size: int = 64
+  warmup_steps: int = 200
+  nocode_steps: int = 300
+  quantized_steps: int = 300
+  learning_rate: float = 1e-3
+  kmeans_restarts: int = 3
+  kmeans_iters: int = 100
+  eval_batch_size: int = 256
+  checkpoint_period: int = 200
+  log_period: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """The tokenized corpus of an `index` task, in corpus order."""
+
+  doc_ids: tuple[str, ...]
+  tokens_NxL: np.ndarray
+  labels_NxLv: np.ndarray  # int label per level, -1 unknown
+  base_vocab_size: int
+
+
+def load_corpus(task_name: str, max_length: int, *, module: str | None = "tasks") -> Corpus:
+  """Reads every document of a `lmindexer.<dataset>.index` task (tokens truncated, EOS kept).
+
+  Training and assignment both use these tokens, so they see the same length (the reference
+  trains at 128 tokens and assigns at 512).
+  """
+  if module:
+    __import__(module)
+  task = seqio.get_mixture_or_task(task_name)
+  ds = task.get_dataset({"inputs": max_length, "targets": 1}, split="train", shuffle=False,
+                        num_epochs=1)
+  ds = ds.map(lambda ex: {k: ex[k] for k in ("inputs", "doc_id", "doc_index", "labels")})
+  ds = ds.padded_batch(1024, padded_shapes={"inputs": [max_length], "doc_id": [],
+                                            "doc_index": [], "labels": [None]},
+                       padding_values={"inputs": 0, "doc_id": "", "doc_index": 0, "labels": -1})
+  parts: dict[str, list] = {"inputs": [], "doc_id": [], "doc_index": [], "labels": []}
+  for batch in ds.as_numpy_iterator():
+    for k in parts:
+      parts[k].append(batch[k])
+  order = np.argsort(np.concatenate(parts["doc_index"]))
+  levels = max(p.shape[1] for p in parts["labels"])
+  labels = np.concatenate([np.pad(p, ((0, 0), (0, levels - p.shape[1])), constant_values=-1)
+                           for p in parts["labels"]])
+  return Corpus(
+      doc_ids=tuple(d.decode() for d in np.concatenate(parts["doc_id"])[order]),
+      tokens_NxL=np.concatenate(parts["inputs"])[order].astype(np.int32),
+      labels_NxLv=labels[order].astype(np.int32),
+      base_vocab_size=task.output_features["inputs"].vocabulary.vocab_size,
+  )
+
+
+class DocumentBatches(data.BatchIterator):
+  """Shuffled batches of the corpus (each process its own share), with same-prefix negatives.
+
+  Epoch e visits this process's documents in the order of a permutation seeded by (seed, e);
+  batches never straddle epochs. The position (epoch, batch) is the whole state, so it is
+  saved as JSON. At t > 0 each batch also carries the documents' prefix codes and
+  `num_negatives` siblings per document, sampled with a generator seeded by the position.
+  """
+
+  def __init__(self, tokens_NxL: np.ndarray, batch_size: int, seed: int,
+               prefix_codes_NxP: np.ndarray | None = None, num_negatives: int = 0):
+    self._tokens = tokens_NxL
+    self._docs = np.arange(len(tokens_NxL))[jax.process_index()::jax.process_count()]
+    self._batch = batch_size // jax.process_count()
+    if self._batch > len(self._docs):
+      raise ValueError(f"batch_size ({batch_size}) exceeds the {len(tokens_NxL)} documents.")
+    self._seed = seed
+    self._prefix = prefix_codes_NxP
+    self._num_negatives = num_negatives
+    self._groups = None
+    if prefix_codes_NxP is not None and prefix_codes_NxP.shape[1] > 0:
+      self._groups = siblings.build_sibling_groups(siblings.prefix_group_ids(prefix_codes_NxP))
+    self._epoch, self._position = 0, 0
+
+  @property
+  def element_spec(self):
+    b, length = self._batch, self._tokens.shape[1]
+    spec = {"encoder_input_tokens": jax.ShapeDtypeStruct((b, length), np.int32)}
+    if self._groups is not None:
+      g = self._num_negatives
+      spec.update(
+          prefix_codes=jax.ShapeDtypeStruct((b, self._prefix.shape[1]), np.int32),
+          negative_tokens=jax.ShapeDtypeStruct((b, g, length), np.int32),
+          negative_mask=jax.ShapeDtypeStruct((b, g), np.bool_),
+      )
+    return spec
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if (self._position + 1) * self._batch > len(self._docs):
+      self._epoch, self._position = self._epoch + 1, 0
+    order = np.random.default_rng([self._seed, self._epoch]).permutation(self._docs)
+    idx_B = order[self._position * self._batch:(self._position + 1) * self._batch]
+    batch = {"encoder_input_tokens": self._tokens[idx_B]}
+    if self._groups is not None:
+      rng = np.random.default_rng([self._seed, self._epoch, self._position, 1])
+      neg_BxG, mask_BxG = siblings.sample_siblings(rng, idx_B, self._groups, self._num_negatives)
+      batch.update(
+          prefix_codes=self._prefix[idx_B].astype(np.int32),
+          negative_tokens=self._tokens[neg_BxG],
+          negative_mask=mask_BxG.astype(np.bool_),
+      )
+    self._position += 1
+    return batch
+
+  def _path(self, directory: str) -> str:
+    return os.path.join(directory, f"process_{jax.process_index()}.json")
+
+  def save(self, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(self._path(directory), "w") as f:
+      json.dump({"epoch": self._epoch, "position": self._position}, f)
+
+  def restore(self, directory: str) -> None:
+    with open(self._path(directory)) as f:
+      state = json.load(f)
+    self._epoch, self._position = state["epoch"], state["position"]
+
+
+def encode_corpus(
+    module: indexer.SemanticIndexer, params: Any, tokens_NxL: np.ndarray,
+    prefix_codes_NxP: np.ndarray, partitioner: partitioning.Partitioner, batch_size: int,
+) -> np.ndarray:
+  """h_t of every document (no dropout), float32 [N, D]."""
+  n = len(tokens_NxL)
+  batch_size = -(-batch_size // partitioner.data_parallel_size) * partitioner.data_parallel_size
+  n_pad = -(-n // batch_size) * batch_size
+  tokens = np.pad(tokens_NxL, ((0, n_pad - n), (0, 0)))
+  prefix = np.pad(prefix_codes_NxP, ((0, n_pad - n), (0, 0)))
+
+  with partitioner.activate():
+    represent = jax.jit(
+        lambda p, x, c: module.apply({"params": p}, x, c, enable_dropout=False,
+                                     method=indexer.SemanticIndexer.represent)[0],
+        in_shardings=(partitioner.replicated, partitioner.batch_sharding(),
+                      partitioner.batch_sharding()),
+        out_shardings=partitioner.sharding(P("batch", None)))
+    params = jax.device_put(params, partitioner.replicated)
+    out = [
+        np.asarray(represent(params, tokens[i:i + batch_size], prefix[i:i + batch_size]))
+        for i in range(0, n_pad, batch_size)
+    ]
+  return np.concatenate(out)[:n]
+
+
+def _stage_done(stage_dir: str) -> dict | None:
+  path = os.path.join(stage_dir, "done.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _mark_done(stage_dir: str, info: dict) -> None:
+  os.makedirs(stage_dir, exist_ok=True)
+  _atomic_write(os.path.join(stage_dir, "done.json"), json.dumps(info, indent=1))
+
+
+def _atomic_write(path: str, text: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def _save_array(path: str, array: np.ndarray) -> None:
+  with open(path + ".tmp", "wb") as f:
+    np.save(f, array)
+  os.replace(path + ".tmp", path)
+
+
+def final_params(stage_dir: str) -> Any:
+  """The parameters of a finished training stage (its last checkpoint), on the host."""
+  directory = os.path.join(stage_dir, "checkpoints")
+  step = max(int(p) for p in os.listdir(directory) if p.isdigit())
+  state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+  return jax.tree.map(np.asarray, state["params"])
+
+
+def copy_codebook_into_vocabulary(
+    params: Any, codebook_KxD: np.ndarray, layout: vocabularies.IdLayout, position: int
+) -> Any:
+  """E_t becomes the embeddings (and, untied, the output columns) of position t's ID tokens.
+
+  Then the LM's logits over those tokens are h E_t^T (times a positive constant for the tied
+  head), so greedy decoding restricted to them assigns the same codes as the quantizer.
+  """
+  start, end = layout.position_range(position)
+  model = dict(params["t5"])
+  embedding = np.array(model["token_embedder"]["embedding"])
+  embedding[start:end] = codebook_KxD
+  model["token_embedder"] = {**model["token_embedder"], "embedding": embedding}
+  if "logits_dense" in model:
+    kernel = np.array(model["logits_dense"]["kernel"])
+    kernel[:, start:end] = codebook_KxD.T
+    model["logits_dense"] = {**model["logits_dense"], "kernel": kernel}
+  return {**params, "t5": model}
+
+
+def index(
+    *,
+    model_dir: str,
+    index_task: str,
+    t5_config: t5.T5Config,
+    config: indexer.IndexerConfig | None = None,
+    schedule: Schedule | None = None,
+    max_length: int = 64,
+    partitioner: partitioning.Partitioner | None = None,
+    seed: int = 0,
+) -> dict | None:
+  """Runs (or resumes) the whole schedule; returns the index stats, or None if preempted.
+
+  Args:
+    model_dir: where stages, `semantic_ids.tsv` and `index_stats.json` go.
+    index_task: a `lmindexer.<dataset>.index` seqio task.
+    t5_config: the T5's sizes; its vocab_size is replaced by base + code tokens.
+    config: the method (`indexer.IndexerConfig`).
+    schedule: steps and batch sizes.
+    max_length: document tokens, for training and assignment alike.
+    partitioner: the mesh; all devices, data-parallel, by default.
+    seed: seeds parameters, batches, masks and k-means.
+  """
+  train.prepare_model_dir(model_dir)
+  config = config or indexer.IndexerConfig()
+  schedule = schedule or Schedule()
+  partitioner = partitioner or partitioning.Partitioner()
+  corpus = load_corpus(index_task, max_length)
+  n = len(corpus.doc_ids)
+  layout = vocabularies.IdLayout(corpus.base_vocab_size, tuple(config.codebook_sizes))
+  t5_config = t5_config.replace(vocab_size=layout.vocab_size)
+  module = indexer.SemanticIndexer(t5_config, layout, config)
+  num_positions = len(config.codebook_sizes)
+  codes_NxC = np.zeros((n, 0), np.int32)
+  stats: dict[str, Any] = {"num_documents": n, "positions": []}
+  _say(f"{n} documents, {max_length} tokens, codebooks {config.codebook_sizes}")
+
+  def stage_dir(name):
+    return os.path.join(model_dir, "stages", name)
+
+  def run_training(name, stage, steps, init_params):
+    """Trains one stage to `steps` (resuming); False if preempted."""
+    model = indexer.IndexerModel(module, stage)
+    opt = optimizers.adamw(schedule.learning_rate, total_steps=steps,
+                           warmup_steps=max(steps // 10, 1))
+    batches = DocumentBatches(
+        corpus.tokens_NxL, schedule.batch_size, seed=seed + 7919 * len(stats["positions"]),
+        prefix_codes_NxP=codes_NxC if stage.position else None,
+        num_negatives=config.num_negatives)
+    _say(f"stage {name}: {steps} steps")
+    state = train.train(
+        model=model, train_dataset_cfg=batches,
+        optimizer=opt,
+        total_steps=steps, model_dir=stage_dir(name), partitioner=partitioner,
+        checkpoint_cfg=checkpoints.CheckpointConfig(schedule.checkpoint_period, keep=1),
+        seed=seed, log_period=schedule.log_period, init_params_fn=init_params)
+    return int(state.step) == steps
+
+  def stage(name, fn):
+    """Runs `fn` unless `name` finished before; returns its recorded info (None: preempted)."""
+    info = _stage_done(stage_dir(name))
+    if info is None:
+      info = fn()
+      if info is None:
+        return None
+      _mark_done(stage_dir(name), info)
+    return info
+
+  # Before position 1: the reconstructor learns to read h while T5 stays as initialised.
+  if stage("warmup", lambda: {} if run_training(
+      "warmup", indexer.Stage(0, use_codebook=False, freeze_t5=True), schedule.warmup_steps,
+      None) else None) is None:
+    return None
+  params = final_params(stage_dir("warmup"))
+
+  for t in range(num_positions):
+    k = config.codebook_sizes[t]
+    previous = params
+    if stage(f"nocode_{t}", lambda t=t, previous=previous: {} if run_training(
+        f"nocode_{t}", indexer.Stage(t, use_codebook=False), schedule.nocode_steps,
+        lambda: previous) else None) is None:
+      return None
+    params = final_params(stage_dir(f"nocode_{t}"))
+
+    def kmeans_stage(t=t, k=k, params=params, codes_NxC=codes_NxC):
+      h_NxD = encode_corpus(module, params, corpus.tokens_NxL, codes_NxC, partitioner,
+                            schedule.eval_batch_size)
+      result = kmeans.kmeans(h_NxD, k, rng=jax.random.PRNGKey(seed + t),
+                             num_iters=schedule.kmeans_iters,
+                             num_restarts=schedule.kmeans_restarts, partitioner=partitioner)
+      _save_array(os.path.join(stage_dir(f"kmeans_{t}"), "centers.npy"),
+                  np.asarray(result.centers_KxD))
+      return {"inertia": float(result.inertia)}
+
+    os.makedirs(stage_dir(f"kmeans_{t}"), exist_ok=True)
+    stage(f"kmeans_{t}", kmeans_stage)
+    centers_KxD = np.load(os.path.join(stage_dir(f"kmeans_{t}"), "centers.npy"))
+    with_centers = quantizer.load_centers(
+        {"params": params}, centers_KxD, path=(f"quantizers_{t}",))["params"]
+    if stage(f"quantized_{t}", lambda t=t, init=with_centers: {} if run_training(
+        f"quantized_{t}", indexer.Stage(t, use_codebook=True), schedule.quantized_steps,
+        lambda: init) else None) is None:
+      return None
+    params = final_params(stage_dir(f"quantized_{t}"))
+
+    def assign_stage(t=t, params=params, codes_NxC=codes_NxC):
+      h_NxD = encode_corpus(module, params, corpus.tokens_NxL, codes_NxC, partitioner,
+                            schedule.eval_batch_size)
+      codebook_KxD = np.asarray(params[f"quantizers_{t}"]["codebook"])
+      out = quantizer.straight_through_quantize(
+          h_NxD, codebook_KxD, normalize=config.quantizer_normalize)
+      _save_array(os.path.join(stage_dir(f"assign_{t}"), "codes.npy"), np.asarray(out.codes_B))
+      return {}
+
+    os.makedirs(stage_dir(f"assign_{t}"), exist_ok=True)
+    stage(f"assign_{t}", assign_stage)
+    codes_N = np.load(os.path.join(stage_dir(f"assign_{t}"), "codes.npy"))
+    codes_NxC = np.concatenate([codes_NxC, codes_N[:, None]], axis=1).astype(np.int32)
+    params = copy_codebook_into_vocabulary(
+        params, np.asarray(params[f"quantizers_{t}"]["codebook"]), layout, t)
+    stats["positions"].append(_position_stats(codes_NxC, corpus.labels_NxLv, k))
+    _say(f"position {t + 1}: " + ", ".join(
+        f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
+        for key, value in stats["positions"][-1].items() if not isinstance(value, dict)))
+
+  # Unique IDs: documents sharing a full ID get a disambiguation code, sized by the largest group.
+  final_NxC1, disambiguation_size = semantic_ids.append_disambiguation(codes_NxC)
+  stats.update(
+      collision_rate_before_disambiguation=metrics.group_stats(codes_NxC)["collision_rate"],
+      disambiguation_size=disambiguation_size,
+      unique=metrics.group_stats(final_NxC1)["max_group_size"] == 1,
+  )
+  semantic_ids.write(os.path.join(model_dir, semantic_ids.FILE_NAME), list(corpus.doc_ids),
+                     final_NxC1, codebook_sizes=config.codebook_sizes,
+                     disambiguation_size=disambiguation_size)
+  _atomic_write(os.path.join(model_dir, "index_stats.json"), json.dumps(stats, indent=1))
+  _say(f"wrote {semantic_ids.FILE_NAME} ({n} unique IDs, disambiguation size "
+       f"{disambiguation_size}) and index_stats.json to {model_dir}")
+  return stats
+
+
+def _position_stats(codes_NxC: np.ndarray, labels_NxLv: np.ndarray, k: int) -> dict[str, Any]:
+  """Quality of the codes up to the last position: usage, groups, AMI per label level."""
+  t = codes_NxC.shape[1]
+  usage = quantizer.codebook_usage(codes_NxC[:, -1], k)
+  prefix_N = metrics.prefix_clusters(codes_NxC, t)
+  return {
+      "codes_used": int(usage["codes_used"]),
+      "usage_perplexity": float(usage["usage_perplexity"]),
+      **metrics.group_stats(codes_NxC),
+      "ami": {f"level_{level + 1}": metrics.ami(prefix_N, labels_NxLv[:, level])
+              for level in range(labels_NxLv.shape[1])},
+  }
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[index] {message}", flush=True)

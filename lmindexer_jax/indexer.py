@@ -1,0 +1,244 @@
+"""The semantic indexer: a T5 that emits one code per ID position, trained self-supervised.
+
+For position t (0-based here, t = 0 is the paper's position 1) the T5 encoder reads the
+document and the decoder reads `[start, <id_0_c1>, ..., <id_(t-1)_ct>]`, the codes already
+assigned as position-specific ID tokens; the last decoder hidden state h_t represents the
+document at position t. The losses (weights in `IndexerConfig`):
+
+- reconstruction: a shallow reconstructor rebuilds every document token from the ID slots
+  (the previous codes' embeddings and h_t, quantized once the codebook exists) and a random
+  subset of the other tokens (`reconstructor.py`);
+- contrastive: two dropout views of a document are positives; at t = 0 the rest of the global
+  batch are negatives, at t > 0 documents sharing the prefix (`siblings.py`), so position t
+  separates siblings;
+- commitment: the decoder keeps predicting the earlier codes (`losses.commitment_loss`).
+
+This module holds the Flax module and its `models.BaseModel`; `index_pipeline.py` runs the
+progressive schedule over the corpus.
+
+Legend: B batch, L document length, D d_model, P previous codes (= t), G negatives, V vocab,
+K codebook size.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmindexer_jax import losses
+from lmindexer_jax import models
+from lmindexer_jax import quantizer
+from lmindexer_jax import reconstructor
+from lmindexer_jax import t5
+from lmindexer_jax import vocabularies
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerConfig:
+  """The method's hyperparameters (defaults: the reference's, its bugs fixed).
+
+  Attributes:
+    codebook_sizes: K_t of each learned position.
+    mask_ratios: reconstruction mask ratio at position 1 and after (the reference: 0.5, 0.7).
+    num_negatives: same-prefix negatives per document at t > 0.
+    contrastive_temperature: divides contrastive scores (the reference: 1, raw dot product).
+    contrastive_normalize: cosine instead of dot-product contrastive scores.
+    reconstruction_weight, contrastive_weight, commitment_weight: loss weights; 0 switches a
+      term off (the "no reconstructor / no contrastive / no commitment" ablations).
+    quantizer_temperature: softmax temperature of the straight-through quantizer.
+    gumbel_scale: Gumbel noise on the quantizer logits while training (0: none, the reference).
+    quantizer_normalize: cosine instead of dot-product code logits.
+    reconstructor_config: the reconstructor's own settings.
+  """
+
+  codebook_sizes: tuple[int, ...] = (8, 8)
+  mask_ratios: tuple[float, float] = (0.5, 0.7)
+  num_negatives: int = 4
+  contrastive_temperature: float = 1.0
+  contrastive_normalize: bool = False
+  reconstruction_weight: float = 1.0
+  contrastive_weight: float = 1.0
+  commitment_weight: float = 1.0
+  quantizer_temperature: float = 1.0
+  gumbel_scale: float = 0.0
+  quantizer_normalize: bool = False
+  reconstructor_config: reconstructor.ReconstructorConfig = reconstructor.ReconstructorConfig()
+
+  def mask_ratio(self, position: int) -> float:
+    return self.mask_ratios[0] if position == 0 else self.mask_ratios[1]
+
+
+class SemanticIndexer(nn.Module):
+  """T5 + reconstructor + one codebook per learned position."""
+
+  t5_config: t5.T5Config
+  layout: vocabularies.IdLayout
+  config: IndexerConfig
+
+  def setup(self):
+    cfg = self.config
+    if self.t5_config.vocab_size < self.layout.vocab_size:
+      raise ValueError(
+          f"T5 vocab_size ({self.t5_config.vocab_size}) is smaller than the ID layout's "
+          f"({self.layout.vocab_size})."
+      )
+    self.t5 = t5.Transformer(self.t5_config)
+    self.reconstructor = reconstructor.Reconstructor(cfg.reconstructor_config, self.t5_config)
+    self.quantizers = [
+        quantizer.Quantizer(quantizer.QuantizerConfig(
+            codebook_size=k, emb_dim=self.t5_config.emb_dim,
+            temperature=cfg.quantizer_temperature, gumbel_scale=cfg.gumbel_scale,
+            normalize=cfg.quantizer_normalize))
+        for k in cfg.codebook_sizes
+    ]
+
+  def __call__(self, tokens_BxL: jax.Array, prefix_codes_BxP: jax.Array) -> jax.Array:
+    """Touches every parameter (for `init`); returns reconstruction logits."""
+    h_BxD, _ = self.represent(tokens_BxL, prefix_codes_BxP, enable_dropout=False)
+    for position in range(len(self.quantizers)):
+      self.quantize(position, h_BxD)
+    return self.reconstruct(h_BxD, prefix_codes_BxP, tokens_BxL, None, enable_dropout=False)
+
+  def id_tokens(self, codes_BxP: jax.Array) -> jax.Array:
+    """The ID tokens of codes c_1..c_P (position p's code -> `<id_p_code>`)."""
+    starts_P = jnp.asarray(self.layout.position_starts[: codes_BxP.shape[1]], jnp.int32)
+    return codes_BxP.astype(jnp.int32) + starts_P[None, :]
+
+  def represent(
+      self, tokens_BxL: jax.Array, prefix_codes_BxP: jax.Array, *, enable_dropout: bool
+  ) -> tuple[jax.Array, jax.Array]:
+    """h_t of each document and the decoder's logits at the P prefix positions.
+
+    Returns:
+      (h_BxD, logits_BxPxV): logits at decoder position p predict code p (commitment loss).
+    """
+    encoded_BxLxD = self.t5.encode(tokens_BxL, enable_dropout=enable_dropout)
+    start_Bx1 = jnp.zeros((tokens_BxL.shape[0], 1), jnp.int32)
+    decoder_BxT = jnp.concatenate([start_Bx1, self.id_tokens(prefix_codes_BxP)], axis=1)
+    logits_BxTxV, hidden_BxTxD = self.t5.decode(
+        encoded_BxLxD, tokens_BxL, decoder_BxT, enable_dropout=enable_dropout,
+        return_hidden=True)
+    return hidden_BxTxD[:, -1].astype(jnp.float32), logits_BxTxV[:, :-1]
+
+  def quantize(self, position: int, h_BxD: jax.Array, gumbel_rng: jax.Array | None = None):
+    return self.quantizers[position](h_BxD, gumbel_rng=gumbel_rng)
+
+  def reconstruct(
+      self, h_BxD: jax.Array, prefix_codes_BxP: jax.Array, tokens_BxL: jax.Array,
+      mask_BxLxS: jax.Array | None, *, enable_dropout: bool,
+      continuous_h_BxD: jax.Array | None = None,
+  ) -> jax.Array:
+    """Logits of every document token rebuilt from [prefix code embeddings; h] (B x L x V)."""
+    prefix_BxPxD = self.t5.embed(self.id_tokens(prefix_codes_BxP))
+    id_embs_BxCxD = jnp.concatenate([prefix_BxPxD, h_BxD[:, None].astype(prefix_BxPxD.dtype)], 1)
+    hidden_BxLxD = self.reconstructor(
+        id_embs_BxCxD, tokens_BxL, self.t5.embed(tokens_BxL), mask_BxLxS,
+        enable_dropout=enable_dropout, continuous_h_BxD=continuous_h_BxD)
+    return self.t5.logits_from_hidden(hidden_BxLxD)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """What one training stage of one position does.
+
+  Attributes:
+    position: t, 0-based.
+    use_codebook: quantize h_t (else the reconstructor reads the continuous h_t).
+    freeze_t5: train the reconstructor only (the warm-up before position 1).
+  """
+
+  position: int
+  use_codebook: bool
+  freeze_t5: bool = False
+
+
+class IndexerModel(models.BaseModel):
+  """The indexer's loss at one stage, for `train.train`.
+
+  Batches hold `encoder_input_tokens` [B, L] and, at t > 0, `prefix_codes` [B, t],
+  `negative_tokens` [B, G, L] and `negative_mask` [B, G].
+  """
+
+  def __init__(self, module: SemanticIndexer, stage: Stage):
+    self.module = module
+    self.stage = stage
+
+  def init_params(self, rng, batch):
+    tokens = jnp.ones(batch["encoder_input_tokens"].shape, jnp.int32)
+    prefix = jnp.zeros((tokens.shape[0], self.stage.position), jnp.int32)
+    return self.module.init({"params": rng}, tokens, prefix)["params"]
+
+  def loss_fn(self, params, batch, rng):
+    cfg, stage = self.module.config, self.stage
+    t = stage.position
+    if stage.freeze_t5:
+      # Zero gradients: AdamW (without weight decay) then leaves T5 exactly as it was.
+      params = {**params, "t5": jax.lax.stop_gradient(params["t5"])}
+    tokens_BxL = batch["encoder_input_tokens"]
+    batch_size = tokens_BxL.shape[0]
+    prefix_BxP = batch.get("prefix_codes", jnp.zeros((batch_size, 0), jnp.int32))
+    deterministic = rng is None
+    names = ("view1", "view2", "negatives", "mask", "gumbel")
+    rngs = dict(zip(names, jax.random.split(rng, 5), strict=True)) if rng is not None else {}
+
+    def apply(method, *args, rng_name=None, **kwargs):
+      dropout = {"dropout": rngs[rng_name]} if rng_name and not deterministic else None
+      return self.module.apply({"params": params}, *args, rngs=dropout, method=method, **kwargs)
+
+    h_BxD, commit_logits_BxPxV = apply(
+        SemanticIndexer.represent, tokens_BxL, prefix_BxP, enable_dropout=not deterministic,
+        rng_name="view1")
+    metrics = {}
+    total = jnp.zeros((), jnp.float32)
+
+    # Reconstruction from the ID (quantized once the codebook exists).
+    if cfg.reconstruction_weight:
+      id_h_BxD = h_BxD
+      if stage.use_codebook:
+        gumbel = rngs.get("gumbel") if cfg.gumbel_scale else None
+        q = apply(SemanticIndexer.quantize, t, h_BxD, gumbel)
+        id_h_BxD = q.quantized_BxD
+        metrics["codes_used_in_batch"] = jnp.sum(
+            jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
+      mask_BxLxS = reconstructor.sample_reconstruction_mask(
+          rngs.get("mask"), tokens_BxL, t + 1, cfg.mask_ratio(t),
+          cfg.reconstructor_config.special_ids)
+      logits_BxLxV = apply(
+          SemanticIndexer.reconstruct, id_h_BxD, prefix_BxP, tokens_BxL, mask_BxLxS,
+          enable_dropout=not deterministic, continuous_h_BxD=h_BxD, rng_name="view1")
+      weights_BxL = reconstructor.target_mask(tokens_BxL, cfg.reconstructor_config.special_ids)
+      loss, m = losses.reconstruction_loss(logits_BxLxV, tokens_BxL, weights_BxL)
+      total += cfg.reconstruction_weight * loss
+      metrics.update(m)
+
+    # Contrastive: a second dropout view is the positive (not in the frozen warm-up).
+    if cfg.contrastive_weight and not stage.freeze_t5 and not deterministic:
+      h2_BxD, _ = apply(SemanticIndexer.represent, tokens_BxL, prefix_BxP,
+                        enable_dropout=True, rng_name="view2")
+      if t == 0:
+        loss, m = losses.in_batch_contrastive_loss(
+            h_BxD, h2_BxD, temperature=cfg.contrastive_temperature,
+            normalize=cfg.contrastive_normalize)
+      else:
+        negatives_BxGxL = batch["negative_tokens"]
+        g = negatives_BxGxL.shape[1]
+        neg_tokens = negatives_BxGxL.reshape(batch_size * g, -1)
+        # Siblings share the prefix, so they are encoded with the same one.
+        neg_prefix = jnp.repeat(prefix_BxP, g, axis=0)
+        neg_h, _ = apply(SemanticIndexer.represent, neg_tokens, neg_prefix,
+                         enable_dropout=True, rng_name="negatives")
+        loss, m = losses.prefix_contrastive_loss(
+            h_BxD, h2_BxD, neg_h.reshape(batch_size, g, -1), batch["negative_mask"],
+            temperature=cfg.contrastive_temperature, normalize=cfg.contrastive_normalize)
+      total += cfg.contrastive_weight * loss
+      metrics.update(m)
+
+    # Commitment: the decoder must keep predicting the codes already assigned.
+    if cfg.commitment_weight and t > 0:
+      loss, m = losses.commitment_loss(commit_logits_BxPxV, prefix_BxP, self.module.layout)
+      total += cfg.commitment_weight * loss
+      metrics.update(m)
+
+    metrics["loss"] = total
+    return total, metrics
