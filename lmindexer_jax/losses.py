@@ -1,0 +1,203 @@
+"""The indexer's loss terms, as pure functions returning `(scalar loss, metrics)`.
+
+* `reconstruction_loss`: token cross-entropy of the reconstructor's logits (all positions).
+* `in_batch_contrastive_loss`: SimCSE between two dropout views, in-batch negatives (position 1).
+* `prefix_contrastive_loss`: InfoNCE against same-prefix siblings as hard negatives (position > 1).
+* `commitment_loss`: the reference's "commitment": cross-entropy of the indexer's decoder logits
+  on the codes already assigned at the earlier positions, each within its own ID-token slice.
+
+Every mean is over the whole (global) batch: under `jit` with a batch-sharded input the sums are
+global, so negatives and normalisers span all devices (the reference's are per device).
+The indexer weights and sums these terms in one place and puts every metric in its dict.
+
+Shape letters: B batch, L document length, V vocab, D emb_dim, N negatives per doc,
+T decoder length, P previous ID positions (t - 1 at position t).
+"""
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import optax
+
+if TYPE_CHECKING:
+  from lmindexer_jax.vocabularies import IdLayout
+
+# Logit of a masked candidate: exp() underflows to exactly 0 in float32.
+_NEG_INF = -1e10
+
+Metrics = dict[str, jax.Array]
+
+
+def _weighted_mean(values_B: jax.Array, weights_B: jax.Array) -> jax.Array:
+  return jnp.sum(values_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1e-9)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), 1e-12))
+
+
+def reconstruction_loss(logits_BxLxV: jax.Array, tokens_BxL: jax.Array,
+                        weights_BxL: jax.Array) -> tuple[jax.Array, Metrics]:
+  """Mean token cross-entropy over weighted tokens, and token accuracy.
+
+  Args:
+    logits_BxLxV: the LM head's logits for each document token row.
+    tokens_BxL: int target tokens (the document itself).
+    weights_BxL: 0/1 (or real) weights; use `reconstructor.target_mask` (non-pad, non-EOS).
+
+  Returns:
+    (loss, {reconstruction_loss, reconstruction_accuracy, reconstruction_tokens}); the loss is
+    the weighted mean over all tokens of the batch (0 if there are none).
+  """
+  weights_BxL = weights_BxL.astype(jnp.float32)
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
+                                                           tokens_BxL)
+  correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == tokens_BxL).astype(jnp.float32)
+  loss = _weighted_mean(ce_BxL, weights_BxL)
+  return loss, {
+      "reconstruction_loss": loss,
+      "reconstruction_accuracy": _weighted_mean(correct_BxL, weights_BxL),
+      "reconstruction_tokens": jnp.sum(weights_BxL),
+  }
+
+
+def in_batch_contrastive_loss(
+    q_BxD: jax.Array, k_BxD: jax.Array, *, temperature: float = 1.0, normalize: bool = False,
+    weights_B: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+  """SimCSE: row b's positive is k_b (the same doc under other dropout), negatives the other k's.
+
+  `scores = q k^T / temperature`, cross-entropy with the diagonal as target, mean over rows. The
+  defaults (raw dot product, temperature 1, no normalisation) reproduce the reference. Unlike
+  the reference, the negatives are the whole global batch when the batch is sharded under jit.
+
+  Args:
+    q_BxD: first view of each doc.
+    k_BxD: second view, same order.
+    temperature: divides the scores.
+    normalize: cosine scores (L2-normalised q and k) instead of dot products.
+    weights_B: optional row weights; a row with weight 0 (batch padding) is neither a query nor
+      a negative.
+
+  Returns:
+    (loss, {contrastive_loss, contrastive_accuracy}); accuracy = share of rows whose positive
+    scores highest.
+  """
+  q_BxD, k_BxD = q_BxD.astype(jnp.float32), k_BxD.astype(jnp.float32)
+  if normalize:
+    q_BxD, k_BxD = _l2_normalize(q_BxD), _l2_normalize(k_BxD)
+  scores_BxB = jnp.einsum("qd,kd->qk", q_BxD, k_BxD) / temperature
+  batch = q_BxD.shape[0]
+  if weights_B is None:
+    weights_B = jnp.ones((batch,), jnp.float32)
+  weights_B = weights_B.astype(jnp.float32)
+  scores_BxB = jnp.where(weights_B[None, :] > 0, scores_BxB, _NEG_INF)
+  targets_B = jnp.arange(batch)
+  ce_B = optax.softmax_cross_entropy_with_integer_labels(scores_BxB, targets_B)
+  correct_B = (jnp.argmax(scores_BxB, axis=-1) == targets_B).astype(jnp.float32)
+  loss = _weighted_mean(ce_B, weights_B)
+  return loss, {"contrastive_loss": loss,
+                "contrastive_accuracy": _weighted_mean(correct_B, weights_B)}
+
+
+def prefix_contrastive_loss(
+    q_BxD: jax.Array, pos_BxD: jax.Array, neg_BxNxD: jax.Array, neg_mask_BxN: jax.Array, *,
+    temperature: float = 1.0, normalize: bool = False, weights_B: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+  """InfoNCE of each doc against its positive and its same-prefix hard negatives (position > 1).
+
+  Row b scores `[pos_b, neg_b1 .. neg_bN]` (target 0), the negatives being docs that share the
+  ID prefix c_1..c_(t-1) with doc b (`siblings.sample_siblings`). Masked negatives get no
+  probability mass. A row none of whose negatives is valid (a doc alone in its prefix group) is
+  left out: weight 0, not counted in the mean. The reference's quantized model instead scores
+  such docs against copies of themselves.
+
+  Args:
+    q_BxD: the docs' representations h_t (first dropout view).
+    pos_BxD: the same docs' second dropout view.
+    neg_BxNxD: representations of the sampled siblings.
+    neg_mask_BxN: bool, True = a real negative.
+    temperature: divides the scores (reference: 1).
+    normalize: cosine scores instead of the reference's dot products.
+    weights_B: optional row weights (0 = batch padding).
+
+  Returns:
+    (loss, {prefix_contrastive_loss, prefix_contrastive_accuracy, prefix_contrastive_rows_used});
+    rows_used is the fraction of (weighted) rows with at least one negative.
+  """
+  q_BxD, pos_BxD, neg_BxNxD = (x.astype(jnp.float32) for x in (q_BxD, pos_BxD, neg_BxNxD))
+  if normalize:
+    q_BxD, pos_BxD, neg_BxNxD = _l2_normalize(q_BxD), _l2_normalize(pos_BxD), _l2_normalize(
+        neg_BxNxD)
+  pos_Bx1 = jnp.einsum("bd,bd->b", q_BxD, pos_BxD)[:, None] / temperature
+  neg_BxN = jnp.einsum("bd,bnd->bn", q_BxD, neg_BxNxD) / temperature
+  neg_BxN = jnp.where(neg_mask_BxN, neg_BxN, _NEG_INF)
+  scores_Bx1pN = jnp.concatenate([pos_Bx1, neg_BxN], axis=-1)
+  batch = q_BxD.shape[0]
+  targets_B = jnp.zeros((batch,), jnp.int32)
+  ce_B = optax.softmax_cross_entropy_with_integer_labels(scores_Bx1pN, targets_B)
+  correct_B = (jnp.argmax(scores_Bx1pN, axis=-1) == 0).astype(jnp.float32)
+  if weights_B is None:
+    weights_B = jnp.ones((batch,), jnp.float32)
+  weights_B = weights_B.astype(jnp.float32)
+  used_B = weights_B * jnp.any(neg_mask_BxN, axis=-1).astype(jnp.float32)
+  loss = _weighted_mean(ce_B, used_B)
+  return loss, {
+      "prefix_contrastive_loss": loss,
+      "prefix_contrastive_accuracy": _weighted_mean(correct_B, used_B),
+      "prefix_contrastive_rows_used": jnp.sum(used_B) / jnp.maximum(jnp.sum(weights_B), 1e-9),
+  }
+
+
+def commitment_loss(
+    logits_BxTxV: jax.Array, prev_codes_BxP: jax.Array,
+    layout: "IdLayout | Sequence[tuple[int, int]]", *, weights_B: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+  """Cross-entropy of the indexer's decoder on the codes already assigned (position t > 1).
+
+  The decoder input at position t is `[0, <id_0_c1>, ..., <id_(t-2)_c(t-1)>]`; its logits at
+  decoder position p < t - 1 predict code c_(p+1) of ID position p. Each is scored only within
+  position p's own ID-token slice `[start, end)` of the vocabulary, so logits elsewhere (text
+  tokens, other positions) are ignored. This keeps the LM able to regenerate the earlier codes
+  while position t is trained (the reference's "commitment" loss, not the VQ-VAE one).
+
+  Args:
+    logits_BxTxV: decoder logits, T >= P (only the first P positions are read).
+    prev_codes_BxP: int codes c_1..c_P, each in [0, size of its position).
+    layout: an `IdLayout` (its `position_range(p)`) or the P `(start, end)` token ranges.
+    weights_B: optional row weights (0 = batch padding).
+
+  Returns:
+    (loss, {commitment_loss, commitment_accuracy}): the mean over rows and positions; 0 when
+    P = 0 (position 1).
+  """
+  num_prev = prev_codes_BxP.shape[1]
+  if num_prev == 0:
+    zero = jnp.zeros((), jnp.float32)
+    return zero, {"commitment_loss": zero, "commitment_accuracy": zero}
+  if logits_BxTxV.shape[1] < num_prev:
+    raise ValueError(f"{num_prev} previous codes but only {logits_BxTxV.shape[1]} logit "
+                     f"positions.")
+  if hasattr(layout, "position_range"):
+    ranges = [layout.position_range(p) for p in range(num_prev)]
+  else:
+    ranges = [tuple(r) for r in layout][:num_prev]
+    if len(ranges) < num_prev:
+      raise ValueError(f"{num_prev} previous codes but {len(ranges)} position ranges.")
+  batch = logits_BxTxV.shape[0]
+  if weights_B is None:
+    weights_B = jnp.ones((batch,), jnp.float32)
+  weights_B = weights_B.astype(jnp.float32)
+  ce, correct = [], []
+  # A loop over the (few, static) positions: slices may have different sizes.
+  for p, (start, end) in enumerate(ranges):
+    slice_BxK = logits_BxTxV[:, p, start:end].astype(jnp.float32)
+    codes_B = prev_codes_BxP[:, p]
+    ce.append(optax.softmax_cross_entropy_with_integer_labels(slice_BxK, codes_B))
+    correct.append((jnp.argmax(slice_BxK, axis=-1) == codes_B).astype(jnp.float32))
+  ce_BxP, correct_BxP = jnp.stack(ce, axis=1), jnp.stack(correct, axis=1)
+  loss = _weighted_mean(jnp.mean(ce_BxP, axis=1), weights_B)
+  return loss, {"commitment_loss": loss,
+                "commitment_accuracy": _weighted_mean(jnp.mean(correct_BxP, axis=1), weights_B)}

@@ -1,0 +1,138 @@
+"""Behaviour of the loss terms: hand computations, masking, and what each term may see."""
+
+import jax
+import numpy as np
+
+from lmindexer_jax import losses
+from lmindexer_jax.vocabularies import IdLayout
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_reconstruction_loss_is_the_weighted_token_mean():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+  tokens = np.array([[1, 2, 3], [4, 0, 0]])
+  weights = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+  loss, metrics = losses.reconstruction_loss(logits, tokens, weights)
+  nll = -np.take_along_axis(_log_softmax(logits), tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(loss, (nll * weights).sum() / 3, rtol=1e-5)
+  correct = (logits.argmax(-1) == tokens) * weights
+  np.testing.assert_allclose(metrics["reconstruction_accuracy"], correct.sum() / 3, rtol=1e-6)
+  assert float(metrics["reconstruction_tokens"]) == 3
+
+
+def test_in_batch_contrastive_equals_hand_computation():
+  rng = np.random.default_rng(1)
+  q, k = rng.normal(size=(2, 4, 3)).astype(np.float32)
+  loss, metrics = losses.in_batch_contrastive_loss(q, k)
+  expected = -np.mean(np.diag(_log_softmax(q @ k.T)))  # reference: raw dot products
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["contrastive_accuracy"],
+                             np.mean((q @ k.T).argmax(-1) == np.arange(4)))
+  # Temperature and cosine scores.
+  qn = q / np.linalg.norm(q, axis=-1, keepdims=True)
+  kn = k / np.linalg.norm(k, axis=-1, keepdims=True)
+  loss, _ = losses.in_batch_contrastive_loss(q, k, temperature=0.1, normalize=True)
+  np.testing.assert_allclose(loss, -np.mean(np.diag(_log_softmax(qn @ kn.T / 0.1))), rtol=1e-5)
+  # A zero-weight row (batch padding) is neither a query nor a negative.
+  loss, _ = losses.in_batch_contrastive_loss(q, k, weights_B=np.array([1, 1, 1, 0]))
+  np.testing.assert_allclose(
+      loss, -np.mean(np.diag(_log_softmax(q[:3] @ k[:3].T))), rtol=1e-5)
+
+
+def _prefix_case(seed=2):
+  rng = np.random.default_rng(seed)
+  q, pos = rng.normal(size=(2, 3, 4)).astype(np.float32)
+  docs = rng.normal(size=(6, 4)).astype(np.float32)  # a pool of docs the negatives index
+  neg_idx = np.array([[3, 4], [5, 0], [0, 0]])
+  neg_mask = np.array([[True, True], [True, False], [False, False]])  # row 2: no siblings
+  return q, pos, docs, neg_idx, neg_mask
+
+
+def test_prefix_contrastive_uses_only_the_given_siblings():
+  q, pos, docs, neg_idx, neg_mask = _prefix_case()
+
+  def loss_of(docs):
+    return float(losses.prefix_contrastive_loss(q, pos, docs[neg_idx], neg_mask)[0])
+
+  base = loss_of(docs)
+  # Hand computation: row 0 against docs 3 and 4, row 1 against doc 5, row 2 left out.
+  row0 = -_log_softmax(np.array([q[0] @ pos[0], q[0] @ docs[3], q[0] @ docs[4]]))[0]
+  row1 = -_log_softmax(np.array([q[1] @ pos[1], q[1] @ docs[5]]))[0]
+  np.testing.assert_allclose(base, (row0 + row1) / 2, rtol=1e-5)
+  for d in range(6):
+    moved = docs.copy()
+    moved[d] += 3.0
+    changed = abs(loss_of(moved) - base) > 1e-6
+    assert changed == (d in (3, 4, 5)), f"doc {d}: only the valid siblings matter"
+
+
+def test_prefix_contrastive_rows_without_siblings_do_not_count():
+  q, pos, docs, neg_idx, neg_mask = _prefix_case()
+  loss, metrics = losses.prefix_contrastive_loss(q, pos, docs[neg_idx], neg_mask)
+  np.testing.assert_allclose(metrics["prefix_contrastive_rows_used"], 2 / 3)
+  # Changing the sibling-less row's own vectors changes nothing, and it is not in the mean.
+  q2, pos2 = q.copy(), pos.copy()
+  q2[2] += 5.0
+  pos2[2] -= 5.0
+  loss2, _ = losses.prefix_contrastive_loss(q2, pos2, docs[neg_idx], neg_mask)
+  np.testing.assert_allclose(loss2, loss, rtol=1e-6)
+  only_two, _ = losses.prefix_contrastive_loss(q[:2], pos[:2], docs[neg_idx[:2]], neg_mask[:2])
+  np.testing.assert_allclose(loss, only_two, rtol=1e-6)
+  # Nothing usable at all: loss 0, not NaN.
+  empty, metrics = losses.prefix_contrastive_loss(q, pos, docs[neg_idx], np.zeros((3, 2), bool))
+  assert float(empty) == 0.0 and float(metrics["prefix_contrastive_rows_used"]) == 0.0
+
+
+LAYOUT = IdLayout(base_size=10, codebook_sizes=(4, 3, 5))  # slices [10,14) [14,17) [17,22)
+
+
+def _peaked_logits(codes, peak=50.0, background=0.0):
+  """Decoder logits [B, T=3, V] with all mass on each position's assigned code."""
+  logits = np.full((len(codes), 3, LAYOUT.vocab_size), background, np.float32)
+  for b, row in enumerate(codes):
+    for p, code in enumerate(row):
+      logits[b, p, LAYOUT.token_id(p, code)] = peak
+  return logits
+
+
+def test_commitment_loss_zero_on_the_assigned_codes_large_otherwise():
+  codes = np.array([[1, 2], [3, 0]])
+  logits = _peaked_logits(codes)
+  loss, metrics = losses.commitment_loss(logits, codes, LAYOUT)
+  assert float(loss) < 1e-6 and float(metrics["commitment_accuracy"]) == 1.0
+  wrong = np.array([[0, 1], [2, 2]])
+  loss, metrics = losses.commitment_loss(logits, wrong, LAYOUT)
+  assert float(loss) > 40.0 and float(metrics["commitment_accuracy"]) == 0.0
+  # Position ranges instead of a layout give the same.
+  ranges = [LAYOUT.position_range(p) for p in range(2)]
+  np.testing.assert_allclose(losses.commitment_loss(logits, wrong, ranges)[0], loss)
+
+
+def test_commitment_loss_ignores_logits_outside_each_positions_slice():
+  codes = np.array([[1, 2], [3, 0]])
+  logits = _peaked_logits(codes)
+  noisy = logits.copy()
+  noisy[:, :, :10] = 100.0  # text tokens
+  noisy[:, 0, 14:] = 100.0  # other positions' IDs at decoder position 0
+  noisy[:, 1, 10:14] = 100.0
+  noisy[:, 1, 17:] = 100.0
+  noisy[:, 2, :] = np.random.default_rng(0).normal(size=noisy[:, 2].shape)  # current position
+  loss, _ = losses.commitment_loss(noisy, codes, LAYOUT)
+  assert float(loss) < 1e-6
+  # Hand value of a uniform slice: log(slice size), averaged over the two positions.
+  flat = np.zeros_like(logits)
+  loss, _ = losses.commitment_loss(flat, codes, LAYOUT)
+  np.testing.assert_allclose(loss, (np.log(4) + np.log(3)) / 2, rtol=1e-6)
+
+
+def test_commitment_loss_is_zero_at_the_first_position():
+  loss, metrics = losses.commitment_loss(np.ones((2, 1, 22), np.float32),
+                                         np.zeros((2, 0), np.int32), LAYOUT)
+  assert float(loss) == 0.0 and float(metrics["commitment_loss"]) == 0.0
