@@ -11,7 +11,8 @@ os.environ.setdefault(
     "LMINDEXER_CACHE", os.path.join(tempfile.gettempdir(), "lmindexer_test_cache")
 )
 
-import lmindexer_jax  # noqa: E402, F401  (sets XLA flags before JAX starts its backend)
 import jax  # noqa: E402
+
+import lmindexer_jax  # noqa: E402, F401  (sets XLA flags before the backend starts)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
