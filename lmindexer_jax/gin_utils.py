@@ -90,20 +90,15 @@ def write_config(model_dir: str) -> None:
   os.replace(path + ".tmp", path)
 
 
-def run(fn: Callable[..., Any], name: str) -> Any:
+def run(fn: Callable[..., Any], name: str, dispatch: Callable[..., Any]) -> Any:
   """Parses the command line's gin and runs the job it names, `fn` by default.
 
-  `fn` is registered as `__main__.<name>`. A gin file may name another job, a configurable
-  called without arguments, e.g. the indexing pipeline:
+  `fn` is registered as `__main__.<name>`. A gin file names another job by binding the entry
+  module's `dispatch` function (`run` in train.py) to a configurable, e.g. the indexer:
 
     train_script.run.job = @index_pipeline.index
   """
   default = gin.external_configurable(fn, name=name, module="__main__")
-
-  def run(job: Callable[[], Any] | None = None) -> Any:
-    return (job or default)()
-
-  configurable_run = gin.external_configurable(run, name="run", module="__main__")
   parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
   configure_task_settings()
   model_dir = gin.query_parameter("MODEL_DIR/macro.value") if _has_macro("MODEL_DIR") else None
@@ -111,7 +106,11 @@ def run(fn: Callable[..., Any], name: str) -> Any:
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):
       raise NotADirectoryError(f"MODEL_DIR {model_dir!r} exists and is not a directory.")
     write_config(model_dir)
-  return configurable_run()
+  try:
+    job = gin.get_configurable(dispatch)  # Registered only where a gin file binds it.
+  except ValueError:
+    job = default
+  return job()
 
 
 def configure_task_settings() -> None:

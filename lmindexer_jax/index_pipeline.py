@@ -232,7 +232,7 @@ def _save_array(path: str, array: np.ndarray) -> None:
 
 def final_params(stage_dir: str) -> Any:
   """The parameters of a finished training stage (its last checkpoint), on the host."""
-  directory = os.path.join(stage_dir, "checkpoints")
+  directory = os.path.abspath(os.path.join(stage_dir, "checkpoints"))
   step = max(int(p) for p in os.listdir(directory) if p.isdigit())
   state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
   return jax.tree.map(np.asarray, state["params"])

@@ -357,11 +357,16 @@ def _atomic_write(path: str, text: str) -> None:
 # --------------------------------- Command line (gin) --------------------------------------
 
 
+def run(job: Callable[[], Any]) -> Any:
+  """Runs another job than `train` (bound in gin: `train_script.run.job = @...`)."""
+  return job()
+
+
 def main(argv: list[str]) -> None:
   del argv
   from lmindexer_jax import gin_utils  # The entry point is the only place that knows gin.
 
-  gin_utils.run(train, "train")
+  gin_utils.run(train, "train", dispatch=run)
 
 
 if __name__ == "__main__":
