@@ -5,6 +5,7 @@ datasets register theirs with `register_corpus_tasks`. Dataset settings (corpus 
 file) are read lazily from `tasks.settings`.
 """
 
+from tasks import real  # noqa: F401
 from tasks import settings  # noqa: F401
 from tasks import smoke  # noqa: F401
 from tasks import synthetic
