@@ -350,10 +350,22 @@ def index(
                              num_restarts=schedule.kmeans_restarts, partitioner=partitioner)
       _save_array(os.path.join(stage_dir(f"kmeans_{t}"), "centers.npy"),
                   np.asarray(result.centers_KxD))
-      return {"inertia": float(result.inertia)}
+      info = {"inertia": float(result.inertia)}
+      if t == 0:
+        # The two-stage baseline: k-means (same K) on the same model's warm-up representations.
+        warm_h = encode_corpus(module, final_params(stage_dir("warmup")), corpus.tokens_NxL,
+                               codes_NxC, partitioner, schedule.eval_batch_size)
+        baseline = kmeans.kmeans(warm_h, k, rng=jax.random.PRNGKey(seed),
+                                 num_iters=schedule.kmeans_iters,
+                                 num_restarts=schedule.kmeans_restarts, partitioner=partitioner)
+        info["kmeans_baseline_ami"] = _ami_per_level(
+            np.asarray(baseline.assignments_N), corpus.labels_NxLv)
+      return info
 
     os.makedirs(stage_dir(f"kmeans_{t}"), exist_ok=True)
-    stage(f"kmeans_{t}", kmeans_stage)
+    kmeans_info = stage(f"kmeans_{t}", kmeans_stage)
+    if t == 0:
+      stats["kmeans_baseline_ami"] = kmeans_info["kmeans_baseline_ami"]
     centers_KxD = np.load(os.path.join(stage_dir(f"kmeans_{t}"), "centers.npy"))
     with_centers = quantizer.load_centers(
         {"params": params}, centers_KxD, path=(f"quantizers_{t}",))["params"]
@@ -370,15 +382,17 @@ def index(
       out = quantizer.straight_through_quantize(
           h_NxD, codebook_KxD, normalize=config.quantizer_normalize)
       _save_array(os.path.join(stage_dir(f"assign_{t}"), "codes.npy"), np.asarray(out.codes_B))
-      return {}
+      return {"recon_accuracy": reconstruction_accuracy(
+          module, params, t, corpus.tokens_NxL, codes_NxC, schedule.eval_batch_size)}
 
     os.makedirs(stage_dir(f"assign_{t}"), exist_ok=True)
-    stage(f"assign_{t}", assign_stage)
+    assign_info = stage(f"assign_{t}", assign_stage)
     codes_N = np.load(os.path.join(stage_dir(f"assign_{t}"), "codes.npy"))
     codes_NxC = np.concatenate([codes_NxC, codes_N[:, None]], axis=1).astype(np.int32)
     params = copy_codebook_into_vocabulary(
         params, np.asarray(params[f"quantizers_{t}"]["codebook"]), layout, t)
-    stats["positions"].append(_position_stats(codes_NxC, corpus.labels_NxLv, k))
+    stats["positions"].append({**_position_stats(codes_NxC, corpus.labels_NxLv, k),
+                               "recon_accuracy": assign_info["recon_accuracy"]})
     _say(f"position {t + 1}: " + ", ".join(
         f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
         for key, value in stats["positions"][-1].items() if not isinstance(value, dict)))
@@ -399,6 +413,32 @@ def index(
   return stats
 
 
+def reconstruction_accuracy(
+    module: indexer.SemanticIndexer, params: Any, position: int, tokens_NxL: np.ndarray,
+    prefix_codes_NxP: np.ndarray, batch_size: int, max_docs: int = 1024,
+) -> float:
+  """Token accuracy of rebuilding documents from their quantized ID, without dropout.
+
+  Every other token stays visible except the token itself (the evaluation mask), over the
+  first `max_docs` documents.
+  """
+  model = indexer.IndexerModel(module, indexer.Stage(position, use_codebook=True))
+  loss_fn = jax.jit(lambda p, b: model.loss_fn(p, b, None)[1])
+  correct = total = 0.0
+  for i in range(0, min(len(tokens_NxL), max_docs), batch_size):
+    batch = {"encoder_input_tokens": tokens_NxL[i:i + batch_size],
+             "prefix_codes": prefix_codes_NxP[i:i + batch_size]}
+    m = loss_fn(params, batch)
+    correct += float(m["reconstruction_accuracy"]) * float(m["reconstruction_tokens"])
+    total += float(m["reconstruction_tokens"])
+  return correct / max(total, 1.0)
+
+
+def _ami_per_level(clusters_N: np.ndarray, labels_NxLv: np.ndarray) -> dict[str, float]:
+  return {f"level_{level + 1}": metrics.ami(clusters_N, labels_NxLv[:, level])
+          for level in range(labels_NxLv.shape[1])}
+
+
 def _position_stats(codes_NxC: np.ndarray, labels_NxLv: np.ndarray, k: int) -> dict[str, Any]:
   """Quality of the codes up to the last position: usage, groups, AMI per label level."""
   t = codes_NxC.shape[1]
@@ -408,8 +448,7 @@ def _position_stats(codes_NxC: np.ndarray, labels_NxLv: np.ndarray, k: int) -> d
       "codes_used": int(usage["codes_used"]),
       "usage_perplexity": float(usage["usage_perplexity"]),
       **metrics.group_stats(codes_NxC),
-      "ami": {f"level_{level + 1}": metrics.ami(prefix_N, labels_NxLv[:, level])
-              for level in range(labels_NxLv.shape[1])},
+      "ami": _ami_per_level(prefix_N, labels_NxLv),
   }
 
 

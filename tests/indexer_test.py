@@ -186,8 +186,11 @@ def test_pipeline_writes_unique_ids_and_stats(straight_index):
   assert stats["unique"] and len(stats["positions"]) == 2
   for position in stats["positions"]:
     for key in ("codes_used", "usage_perplexity", "max_group_size", "mean_group_size",
-                "collision_rate", "ami"):
+                "collision_rate", "ami", "recon_accuracy"):
       assert key in position
+    assert 0 <= position["recon_accuracy"] <= 1
+    assert set(position["ami"]) == {"level_1", "level_2", "level_3"}
+  assert set(stats["kmeans_baseline_ami"]) == {"level_1", "level_2", "level_3"}
   assert stats["disambiguation_size"] == stats["positions"][-1]["max_group_size"]
 
 
