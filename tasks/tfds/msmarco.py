@@ -43,12 +43,8 @@ class MsMarcoPassage(common.Builder):
 
   def _split_generators(self, dl_manager):
     root = dl_manager.manual_dir
-    corpus_path = readers.require_file(root, "collection.tsv")
-    corpus = readers.Corpus(
-      corpus_path,
-      lambda: readers.read_tsv_documents(corpus_path, id_field="pid", text_field="passage"),
-      id_field="pid",
-      text_field="passage",
+    corpus = readers.tsv_corpus(
+      root, "collection.tsv", id_field="pid", text_field="passage",
       empty_documents=self.empty_documents,
     )
     splits = {common.CORPUS: self._corpus_examples(corpus)}

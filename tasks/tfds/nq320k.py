@@ -38,13 +38,8 @@ class Nq320k(common.Builder):
 
   def _split_generators(self, dl_manager):
     root = dl_manager.manual_dir
-    corpus_path = readers.require_file(root, "corpus.tsv")
-    corpus = readers.Corpus(
-      corpus_path,
-      lambda: readers.read_tsv_documents(corpus_path, id_field="docid", text_field="text"),
-      id_field="docid",
-      text_field="text",
-      empty_documents=self.empty_documents,
+    corpus = readers.tsv_corpus(
+      root, "corpus.tsv", id_field="docid", text_field="text", empty_documents=self.empty_documents
     )
     splits = {common.CORPUS: self._corpus_examples(corpus)}
     for split, name in _QUERY_FILES.items():

@@ -560,6 +560,20 @@ def read_sequences(
   return sequences
 
 
+def tsv_corpus(
+  root: epath.PathLike, name: str, *, id_field: str, text_field: str, empty_documents: str
+) -> Corpus:
+  """The `Corpus` of a two-column `id TAB text` file `name` in `root` (NQ320k, MS MARCO)."""
+  path = require_file(root, name)
+  return Corpus(
+    path,
+    lambda: read_tsv_documents(path, id_field=id_field, text_field=text_field),
+    id_field=id_field,
+    text_field=text_field,
+    empty_documents=empty_documents,
+  )
+
+
 def require_file(root: epath.PathLike, name: str) -> epath.Path:
   """`root/name`, or `root/name.gz`; a DataError naming the expected file if neither exists."""
   path = epath.Path(root) / name
