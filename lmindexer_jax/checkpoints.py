@@ -77,9 +77,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def save(self, step: int, state: Any, iterator: data.BatchIterator | None = None) -> None:
     """Starts an asynchronous save of `state` (and the data iterator) at `step`."""
     items = {"state": ocp.args.StandardSave(state)}

@@ -298,24 +298,6 @@ def index(
   def stage_dir(name):
     return os.path.join(model_dir, "stages", name)
 
-  def run_training(name, stage, steps, init_params):
-    """Trains one stage to `steps` (resuming); False if preempted."""
-    model = indexer.IndexerModel(module, stage)
-    opt = optimizers.adamw(schedule.learning_rate, total_steps=steps,
-                           warmup_steps=max(steps // 10, 1))
-    batches = DocumentBatches(
-        corpus.tokens_NxL, schedule.batch_size, seed=seed + 7919 * len(stats["positions"]),
-        prefix_codes_NxP=codes_NxC if stage.position else None,
-        num_negatives=config.num_negatives)
-    _say(f"stage {name}: {steps} steps")
-    state = train.train(
-        model=model, train_dataset_cfg=batches,
-        optimizer=opt,
-        total_steps=steps, model_dir=stage_dir(name), partitioner=partitioner,
-        checkpoint_cfg=checkpoints.CheckpointConfig(schedule.checkpoint_period, keep=1),
-        seed=seed, log_period=schedule.log_period, init_params_fn=init_params)
-    return int(state.step) == steps
-
   def stage(name, fn):
     """Runs `fn` unless `name` finished before; returns its recorded info (None: preempted)."""
     info = _stage_done(stage_dir(name))
@@ -326,21 +308,42 @@ def index(
       _mark_done(stage_dir(name), info)
     return info
 
+  def train_stage(name, spec, steps, init):
+    """Trains stage `name` to `steps` from params `init` (resuming, or skipped if finished).
+
+    Returns its final parameters, or None if it was preempted.
+    """
+
+    def run():
+      batches = DocumentBatches(
+          corpus.tokens_NxL, schedule.batch_size, seed=seed + 7919 * len(stats["positions"]),
+          prefix_codes_NxP=codes_NxC if spec.position else None,
+          num_negatives=config.num_negatives)
+      _say(f"stage {name}: {steps} steps")
+      state = train.train(
+          model=indexer.IndexerModel(module, spec), train_dataset_cfg=batches,
+          optimizer=optimizers.adamw(schedule.learning_rate, total_steps=steps,
+                                     warmup_steps=max(steps // 10, 1)),
+          total_steps=steps, model_dir=stage_dir(name), partitioner=partitioner,
+          checkpoint_cfg=checkpoints.CheckpointConfig(schedule.checkpoint_period, keep=1),
+          seed=seed, log_period=schedule.log_period,
+          init_params_fn=None if init is None else lambda: init)
+      return {} if int(state.step) == steps else None
+
+    return None if stage(name, run) is None else final_params(stage_dir(name))
+
   # Before position 1: the reconstructor learns to read h while T5 stays as initialised.
-  if stage("warmup", lambda: {} if run_training(
-      "warmup", indexer.Stage(0, use_codebook=False, freeze_t5=True), schedule.warmup_steps,
-      None) else None) is None:
+  params = train_stage("warmup", indexer.Stage(0, use_codebook=False, freeze_t5=True),
+                       schedule.warmup_steps, None)
+  if params is None:
     return None
-  params = final_params(stage_dir("warmup"))
 
   for t in range(num_positions):
     k = config.codebook_sizes[t]
-    previous = params
-    if stage(f"nocode_{t}", lambda t=t, previous=previous: {} if run_training(
-        f"nocode_{t}", indexer.Stage(t, use_codebook=False), schedule.nocode_steps,
-        lambda: previous) else None) is None:
+    params = train_stage(f"nocode_{t}", indexer.Stage(t, use_codebook=False),
+                         schedule.nocode_steps, params)
+    if params is None:
       return None
-    params = final_params(stage_dir(f"nocode_{t}"))
 
     def kmeans_stage(t=t, k=k, params=params, codes_NxC=codes_NxC):
       h_NxD = encode_corpus(module, params, corpus.tokens_NxL, codes_NxC, partitioner,
@@ -369,11 +372,10 @@ def index(
     centers_KxD = np.load(os.path.join(stage_dir(f"kmeans_{t}"), "centers.npy"))
     with_centers = quantizer.load_centers(
         {"params": params}, centers_KxD, path=(f"quantizers_{t}",))["params"]
-    if stage(f"quantized_{t}", lambda t=t, init=with_centers: {} if run_training(
-        f"quantized_{t}", indexer.Stage(t, use_codebook=True), schedule.quantized_steps,
-        lambda: init) else None) is None:
+    params = train_stage(f"quantized_{t}", indexer.Stage(t, use_codebook=True),
+                         schedule.quantized_steps, with_centers)
+    if params is None:
       return None
-    params = final_params(stage_dir(f"quantized_{t}"))
 
     def assign_stage(t=t, params=params, codes_NxC=codes_NxC):
       h_NxD = encode_corpus(module, params, corpus.tokens_NxL, codes_NxC, partitioner,

@@ -38,6 +38,22 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), 1e-12))
 
 
+def token_cross_entropy(
+    logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(mean cross-entropy, accuracy, total weight) over weighted target tokens.
+
+  The one definition of token cross-entropy: the seq2seq loss (`models.py`) and the
+  reconstruction loss both use it. Means are 0 when no token has weight.
+  """
+  weights_BxL = weights_BxL.astype(jnp.float32)
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
+                                                           targets_BxL)
+  correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+  return (_weighted_mean(ce_BxL, weights_BxL), _weighted_mean(correct_BxL, weights_BxL),
+          jnp.sum(weights_BxL))
+
+
 def reconstruction_loss(logits_BxLxV: jax.Array, tokens_BxL: jax.Array,
                         weights_BxL: jax.Array) -> tuple[jax.Array, Metrics]:
   """Mean token cross-entropy over weighted tokens, and token accuracy.
@@ -51,15 +67,11 @@ def reconstruction_loss(logits_BxLxV: jax.Array, tokens_BxL: jax.Array,
     (loss, {reconstruction_loss, reconstruction_accuracy, reconstruction_tokens}); the loss is
     the weighted mean over all tokens of the batch (0 if there are none).
   """
-  weights_BxL = weights_BxL.astype(jnp.float32)
-  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
-                                                           tokens_BxL)
-  correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == tokens_BxL).astype(jnp.float32)
-  loss = _weighted_mean(ce_BxL, weights_BxL)
+  loss, accuracy, num_tokens = token_cross_entropy(logits_BxLxV, tokens_BxL, weights_BxL)
   return loss, {
       "reconstruction_loss": loss,
-      "reconstruction_accuracy": _weighted_mean(correct_BxL, weights_BxL),
-      "reconstruction_tokens": jnp.sum(weights_BxL),
+      "reconstruction_accuracy": accuracy,
+      "reconstruction_tokens": num_tokens,
   }
 
 

@@ -13,7 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
+
+from lmindexer_jax import losses
 
 Batch = Mapping[str, jax.Array]
 Params = Any
@@ -34,17 +35,6 @@ class BaseModel(abc.ABC):
       self, params: Params, batch: Batch, rng: jax.Array | None
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(scalar loss to minimise, metrics); `rng` None means deterministic (no dropout)."""
-
-
-def cross_entropy(
-    logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """Summed token cross-entropy and summed correct predictions over weighted tokens."""
-  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxTxV.astype(jnp.float32), targets_BxT
-  )
-  correct_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
-  return jnp.sum(ce_BxT * weights_BxT), jnp.sum(correct_BxT * weights_BxT)
 
 
 class EncoderDecoderModel(BaseModel):
@@ -70,14 +60,12 @@ class EncoderDecoderModel(BaseModel):
         rngs={"dropout": rng} if rng is not None else None,
     )
     weights_BxT = batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
-    weights_BxT = weights_BxT.astype(jnp.float32)
-    ce_sum, correct = cross_entropy(logits_BxTxV, batch["decoder_target_tokens"], weights_BxT)
-    num_tokens = jnp.maximum(jnp.sum(weights_BxT), 1.0)
-    loss = ce_sum / num_tokens
+    loss, accuracy, num_tokens = losses.token_cross_entropy(
+        logits_BxTxV, batch["decoder_target_tokens"], weights_BxT)
     return loss, {
         "loss": loss,
-        "accuracy": correct / num_tokens,
-        "target_tokens": jnp.sum(weights_BxT),
+        "accuracy": accuracy,
+        "target_tokens": num_tokens,
         "input_tokens": jnp.sum(batch["encoder_input_tokens"] > 0).astype(jnp.float32),
     }
 

@@ -165,10 +165,11 @@ class _Reporter:
         f.write(json.dumps({"step": step, **scalars}) + "\n")
       done = (step - self._first) / max(now - self._start_time, 1e-9)
       eta = (self._total - step) / max(done, 1e-9)
+      tokens = f"{scalars['tokens_per_s']:.0f} tok/s " if "tokens_per_s" in scalars else ""
       print(
           f"[train] step {step}/{self._total} loss {scalars['loss']:.4f} "
-          f"lr {scalars['learning_rate']:.2e} {steps_per_s:.2f} steps/s "
-          f"{scalars.get('tokens_per_s', 0):.0f} tok/s ETA {_format_seconds(eta)}",
+          f"lr {scalars['learning_rate']:.2e} {steps_per_s:.2f} steps/s {tokens}"
+          f"ETA {_format_seconds(eta)}",
           flush=True,
       )
 
