@@ -33,6 +33,8 @@ _TEST_REQUIRES = [
     "torch==2.13.0",
     "transformers==5.24.0",
     "safetensors==0.8.0",
+    # trec_eval, the reference the ranking metrics are tested against (a manylinux wheel).
+    "pytrec_eval-terrier==0.5.11",
 ]
 
 
