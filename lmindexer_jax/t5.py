@@ -208,30 +208,56 @@ class MultiHeadAttention(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, xq_BxTxD: jax.Array, xkv_BxSxD: jax.Array, bias_BxHxTxS: jax.Array, *,
-               enable_dropout: bool, decode: bool = False) -> jax.Array:
+  def __call__(self, xq_BxTxD: jax.Array | None, xkv_BxSxD: jax.Array | None,
+               bias_BxHxTxS: jax.Array | None, *, enable_dropout: bool, decode: bool = False,
+               kv: tuple[jax.Array, jax.Array] | None = None, kv_only: bool = False):
+    """Attends from `xq` to `xkv`.
+
+    `kv_only=True` returns the projected (key, value) [B, S, H, K] of `xkv` and nothing else;
+    `kv` passes such a pair back in place of projecting `xkv` (cross-attention keys and values
+    computed once per encoded input). The key/value batch may divide the query batch: query row
+    i then attends to key/value row i // (query batch / key batch), e.g. all beams of a query to
+    that query's encoder states, without copying them per beam.
+    """
     cfg = self.config
     projection = functools.partial(
         DenseGeneral, features=(cfg.num_heads, cfg.head_dim), kernel_axes=("embed", "heads", "kv"),
         dtype=cfg.dtype, init_distribution="normal")
+
+    def project_kv():
+      k_BxSxHxK = projection(name="key")(xkv_BxSxD)
+      v_BxSxHxK = projection(name="value")(xkv_BxSxD)
+      return (nn.with_logical_constraint(k_BxSxHxK, ("batch", "length", "heads", "kv")),
+              nn.with_logical_constraint(v_BxSxHxK, ("batch", "length", "heads", "kv")))
+
+    if kv_only:
+      return project_kv()
     # NOTE: T5 does not rescale attention logits by 1/sqrt(head_dim). The scaling is folded into
     # the query initialiser (as in t5x and Mesh TF), so training from scratch is well scaled.
     q_BxTxHxK = projection(init_scale=1.0 / cfg.head_dim, name="query")(xq_BxTxD)
-    k_BxSxHxK = projection(name="key")(xkv_BxSxD)
-    v_BxSxHxK = projection(name="value")(xkv_BxSxD)
+    k_BxSxHxK, v_BxSxHxK = project_kv() if kv is None else kv
     q_BxTxHxK = nn.with_logical_constraint(q_BxTxHxK, ("batch", "length", "heads", "kv"))
-    k_BxSxHxK = nn.with_logical_constraint(k_BxSxHxK, ("batch", "length", "heads", "kv"))
-    v_BxSxHxK = nn.with_logical_constraint(v_BxSxHxK, ("batch", "length", "heads", "kv"))
     if decode:
       k_BxSxHxK, v_BxSxHxK = self._update_cache(k_BxSxHxK, v_BxSxHxK)
 
+    batch, length, heads, head_dim = q_BxTxHxK.shape
+    kv_batch = k_BxSxHxK.shape[0]
+    if batch % kv_batch:
+      raise ValueError(f"Key/value batch {kv_batch} does not divide the query batch {batch}.")
+    # Queries grouped per key/value row: [Bkv, G, T, H, K] (G = 1 for ordinary attention).
+    q_BxGxTxHxK = q_BxTxHxK.reshape(kv_batch, batch // kv_batch, length, heads, head_dim)
     # Logits and softmax in float32 whatever the compute dtype.
-    logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK.astype(jnp.float32),
-                                k_BxSxHxK.astype(jnp.float32))
-    weights_BxHxTxS = jax.nn.softmax(logits_BxHxTxS + bias_BxHxTxS).astype(cfg.dtype)
-    weights_BxHxTxS = nn.Dropout(cfg.dropout_rate)(weights_BxHxTxS,
-                                                   deterministic=not enable_dropout)
-    out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights_BxHxTxS, v_BxSxHxK.astype(cfg.dtype))
+    logits_BxGxHxTxS = jnp.einsum("bgthk,bshk->bghts", q_BxGxTxHxK.astype(jnp.float32),
+                                  k_BxSxHxK.astype(jnp.float32))
+    if bias_BxHxTxS.shape[0] == batch and batch != kv_batch:
+      bias_BxGxHxTxS = bias_BxHxTxS.reshape(kv_batch, batch // kv_batch, *bias_BxHxTxS.shape[1:])
+    else:
+      bias_BxGxHxTxS = bias_BxHxTxS[:, None]
+    weights_BxGxHxTxS = jax.nn.softmax(logits_BxGxHxTxS + bias_BxGxHxTxS).astype(cfg.dtype)
+    weights_BxGxHxTxS = nn.Dropout(cfg.dropout_rate)(weights_BxGxHxTxS,
+                                                     deterministic=not enable_dropout)
+    out_BxGxTxHxK = jnp.einsum("bghts,bshk->bgthk", weights_BxGxHxTxS, v_BxSxHxK.astype(cfg.dtype))
+    out_BxTxHxK = out_BxGxTxHxK.reshape(batch, length, heads, head_dim)
     return DenseGeneral(
         features=(xq_BxTxD.shape[-1],), kernel_axes=("heads", "kv", "embed"), num_contract=2,
         dtype=cfg.dtype, init_distribution="normal", name="out")(out_BxTxHxK)
@@ -311,8 +337,13 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, encoded_BxLxD, self_bias_BxHxTxS, cross_bias_BxHxTxL,
-               enable_dropout, decode):
+               enable_dropout, decode, cross_kv=None, cross_kv_only=False):
+    """`cross_kv_only`: return this layer's cross-attention (key, value) of `encoded` only;
+    `cross_kv`: use such a pair instead of projecting `encoded` (see MultiHeadAttention)."""
     cfg = self.config
+    if cross_kv_only:
+      return MultiHeadAttention(cfg, name="encoder_decoder_attention")(
+          None, encoded_BxLxD, None, enable_dropout=False, kv_only=True)
     y_BxTxD = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype,
                         name="pre_self_attention_layer_norm")(x_BxTxD)
     y_BxTxD = MultiHeadAttention(cfg, name="self_attention")(
@@ -321,7 +352,7 @@ class DecoderLayer(nn.Module):
     y_BxTxD = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype,
                         name="pre_cross_attention_layer_norm")(x_BxTxD)
     y_BxTxD = MultiHeadAttention(cfg, name="encoder_decoder_attention")(
-        y_BxTxD, encoded_BxLxD, cross_bias_BxHxTxL, enable_dropout=enable_dropout)
+        y_BxTxD, encoded_BxLxD, cross_bias_BxHxTxL, enable_dropout=enable_dropout, kv=cross_kv)
     x_BxTxD = _residual(cfg, x_BxTxD, y_BxTxD, enable_dropout)
     y_BxTxD = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(x_BxTxD)
     y_BxTxD = MlpBlock(cfg, name="mlp")(y_BxTxD, enable_dropout)
@@ -370,8 +401,12 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded_BxLxD, encoder_tokens_BxL, decoder_tokens_BxT, decoder_target_tokens,
-               enable_dropout, decode, max_decode_length):
+               enable_dropout, decode, max_decode_length, cross_kv=None, cross_kv_only=False):
     cfg = self.config
+    if cross_kv_only:
+      return tuple(DecoderLayer(cfg, name=f"layers_{i}")(
+          None, encoded_BxLxD, None, None, False, False, cross_kv_only=True)
+                   for i in range(cfg.num_decoder_layers))
     relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")
     length = decoder_tokens_BxT.shape[1]
     # The first layer's self-attention cache tells whether this is a cached step, where it is
@@ -404,7 +439,8 @@ class Decoder(nn.Module):
     y_BxTxD = nn.with_logical_constraint(y_BxTxD, ("batch", "length", "embed"))
     for i in range(cfg.num_decoder_layers):
       y_BxTxD = DecoderLayer(cfg, name=f"layers_{i}")(
-          y_BxTxD, encoded_BxLxD, self_bias_BxHxTxS, cross_bias_Bx1x1xL, enable_dropout, decode)
+          y_BxTxD, encoded_BxLxD, self_bias_BxHxTxS, cross_bias_Bx1x1xL, enable_dropout, decode,
+          cross_kv=None if cross_kv is None else cross_kv[i])
     y_BxTxD = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y_BxTxD)
     y_BxTxD = nn.Dropout(cfg.dropout_rate)(y_BxTxD, deterministic=not enable_dropout)
     return nn.with_logical_constraint(y_BxTxD, ("batch", "length", "embed"))
@@ -435,7 +471,11 @@ class Transformer(nn.Module):
   Every decoder self-attention layer holds `cached_key`/`cached_value` [B, max_len, H, K]
   (batch-leading: expand or gather them per beam) and a scalar `cache_index`; step i uses the
   relative position bias of query position i. At most max_len steps fit (later writes clamp to
-  the last slot). Cross-attention keys are recomputed from `encoded` each step.
+  the last slot). Cross-attention keys are recomputed from `encoded` each step, unless
+  `cross_attention_kv(encoded)` computed them once and `decode(..., cross_kv=...)` reuses them.
+  The encoder batch (of `encoded`/`cross_kv` and `encoder_input_tokens`) may divide the decoder
+  batch: decoder row i then reads encoder row i // (decoder batch / encoder batch), so the beams
+  of a query share that query's encoder states and cross-attention keys without copies.
   """
 
   config: T5Config
@@ -467,14 +507,19 @@ class Transformer(nn.Module):
                        f"{encoder_input_tokens.shape}.")
     return self.encoder(encoder_input_tokens, enable_dropout)
 
-  def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
+  def cross_attention_kv(self, encoded: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Every decoder layer's cross-attention (key, value), each [B, L, H, K], for `decode`."""
+    return self.decoder(encoded, None, None, None, False, False, None, cross_kv_only=True)
+
+  def decode(self, encoded: jax.Array | None, encoder_input_tokens: jax.Array,
              decoder_input_tokens: jax.Array, enable_dropout: bool = True, decode: bool = False,
              max_decode_length: int | None = None, return_hidden: bool = False,
-             decoder_target_tokens: jax.Array | None = None):
+             decoder_target_tokens: jax.Array | None = None,
+             cross_kv: tuple[tuple[jax.Array, jax.Array], ...] | None = None):
     """Runs the decoder and the LM head.
 
     Args:
-      encoded: [B, L, D] output of `encode`.
+      encoded: [B, L, D] output of `encode` (unused, may be None, when `cross_kv` is given).
       encoder_input_tokens: int [B, L]; only its padding (0) is used, to mask cross-attention.
       decoder_input_tokens: int [B, T], starting with 0 (the start token); [B, 1] per cached step.
       enable_dropout: apply dropout (needs a 'dropout' rng).
@@ -483,6 +528,7 @@ class Transformer(nn.Module):
       return_hidden: also return the decoder's final hidden states.
       decoder_target_tokens: optional int [B, T]; padding targets (0) are masked as keys of the
         decoder self-attention (t5x). Unused with `decode=True`.
+      cross_kv: optional `cross_attention_kv(encoded)`, used instead of projecting `encoded`.
 
     Returns:
       logits_BxTxV (float32), or (logits_BxTxV, hidden_BxTxD) if `return_hidden`. hidden is the
@@ -490,7 +536,8 @@ class Transformer(nn.Module):
       `logits_from_hidden(hidden) == logits`.
     """
     hidden_BxTxD = self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
-                                decoder_target_tokens, enable_dropout, decode, max_decode_length)
+                                decoder_target_tokens, enable_dropout, decode, max_decode_length,
+                                cross_kv=cross_kv)
     logits_BxTxV = self.logits_from_hidden(hidden_BxTxD)
     return (logits_BxTxV, hidden_BxTxD) if return_hidden else logits_BxTxV
 
