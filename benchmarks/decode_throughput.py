@@ -11,7 +11,7 @@ The ID space: 3 positions of 256 codes, 10,000 random valid IDs; queries of 32 r
 Both decode `--beam` beams and return all of them. Hugging Face: `generate(num_beams=beam,
 num_return_sequences=beam, max_new_tokens=3, length_penalty=0, prefix_allowed_tokens_fn=...)`
 walking a dict trie of the same IDs (the reference implementation's decoder). Ours:
-`decoding.decode_ids` in 'full' mode (exact scores, as HF) and 'restricted' mode (normalised
+`decoding.IdDecoder` in 'full' mode (exact scores, as HF) and 'restricted' mode (normalised
 over the allowed codes; not comparable in scores). Each measurement runs `max(repeats,
 ceil(min_queries / batch))` batches after one warm-up batch (which compiles ours). Prints
 one JSON line per (implementation, mode, batch size) and a ratio line per (mode, batch size);
@@ -45,6 +45,9 @@ _QUERY_LENGTH = flags.DEFINE_integer("query_length", 32, "Query tokens.")
 _MODES = flags.DEFINE_list("modes", ["full", "restricted"], "Our normalisation modes.")
 _HF = flags.DEFINE_bool("hf", True, "Also time Hugging Face generate.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, IDs and queries.")
+_TORCH_THREADS = flags.DEFINE_integer(
+    "torch_threads", 0, "torch.set_num_threads for HF (0: torch's default). On a loaded machine "
+    "1 thread can be much faster than 2 (OpenMP spinning).")
 
 _BASE_VOCAB = 32100
 
@@ -89,24 +92,28 @@ def main(argv):
   import jax
   import torch
 
+  if _TORCH_THREADS.value:
+    torch.set_num_threads(_TORCH_THREADS.value)
   rng = np.random.default_rng(_SEED.value)
   positions, codes = _POSITIONS.value, _CODES.value
   layout = vocabularies.IdLayout(_BASE_VOCAB, (codes,) * positions)
   flat = rng.choice(codes**positions, _NUM_IDS.value, replace=False)
   id_codes = np.stack(np.unravel_index(flat, (codes,) * positions), axis=1)
   trie = decoding.Trie.from_codes(id_codes, layout)
+  beam = _BEAM.value
   hf_model = _hf_model(layout.vocab_size)
   with tempfile.TemporaryDirectory() as folder:
     hf_model.save_pretrained(folder)
     cfg, params = checkpoint_import.load_checkpoint(folder)
   module = t5.Transformer(cfg)
-  params = jax.device_put(params)
+  decoders = {mode: decoding.IdDecoder(module, params, trie, beam_size=beam, num_return=beam,
+                                       normalization=mode) for mode in _MODES.value}
   prefix_fn = _prefix_allowed_tokens_fn(trie, layout)
-  beam = _BEAM.value
   _emit({"setup": "decode_throughput", "num_ids": trie.num_ids, "trie_nodes": trie.num_nodes,
          "max_degree": trie.max_degree, "vocab_size": cfg.vocab_size, "beam": beam,
          "query_length": _QUERY_LENGTH.value, "devices": jax.device_count(),
-         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()})
+         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+         "load_average_1min": round(os.getloadavg()[0], 2)})
 
   def queries(batch: int) -> np.ndarray:
     q = rng.integers(2, _BASE_VOCAB, size=(batch, _QUERY_LENGTH.value)).astype(np.int32)
@@ -114,9 +121,7 @@ def main(argv):
     return q
 
   def ours(q, mode):
-    result = decoding.decode_ids(module, params, q, trie, beam_size=beam, num_return=beam,
-                                 normalization=mode)
-    return jax.block_until_ready(result)
+    return jax.block_until_ready(decoders[mode](q))
 
   def hf(q):
     with torch.no_grad():
@@ -168,6 +173,7 @@ def main(argv):
           (ours_codes[:, 0] == hf_first[0][:, 0]).all(axis=-1)))
       record["top1_max_score_diff"] = float(np.max(np.abs(
           np.asarray(first["full"].scores)[:, 0] - hf_first[1].reshape(batch, beam)[:, 0])))
+    record["load_average_1min"] = round(os.getloadavg()[0], 2)
     _emit(record)
     for mode, rate in rates.items():
       _emit({"ratio": f"ours_{mode}/hf_generate", "batch": batch,

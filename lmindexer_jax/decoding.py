@@ -38,8 +38,10 @@ from lmindexer_jax import vocabularies
 
 # (state, tokens_Nx1) -> (logits_NxV, state), t5x's `tokens_to_logits`.
 TokensToLogits = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
-# (state, tokens_Nx1, candidate_tokens_NxD) -> (candidate_logits_NxD, state).
-TokensToCandidateLogits = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+# (state, tokens_Nx1, candidate_tokens_NxD, (start, end)) -> (candidate_logits_NxD, state); every
+# candidate lies in the static token range [start, end) of the position being decoded.
+TokensToCandidateLogits = Callable[[Any, jax.Array, jax.Array, tuple[int, int]],
+                                   tuple[jax.Array, Any]]
 # (state, parent_BxW) -> state: row (b, w) of the new state is row (b, parent[b, w]) of the old.
 GatherFn = Callable[[Any, jax.Array], Any]
 
@@ -286,9 +288,10 @@ def beam_search(
     num_return: IDs returned per query R (<= beam_size; default beam_size).
     normalization: 'full' (log-softmax over the whole vocabulary, exact) or 'restricted'
       (over the beam's allowed codes only).
-    tokens_to_candidate_logits: optional `fn(state, tokens_Nx1, candidates_NxD) ->
-      (logits_NxD, state)` giving only the logits of the candidate tokens; used in 'restricted'
-      mode (it never needs the whole vocabulary).
+    tokens_to_candidate_logits: optional `fn(state, tokens_Nx1, candidates_NxD, (start, end))
+      -> (logits_NxD, state)` giving only the logits of the candidate tokens, which all lie in
+      the position's token range [start, end); used in 'restricted' mode (it never needs the
+      whole vocabulary).
     gather_fn: reorders the state per beam (default `gather_beams`).
     decoder_start_token: the first decoder input token.
 
@@ -320,7 +323,8 @@ def beam_search(
     token_BxWxD = trie.token_starts[p] + code_BxWxD
     token_NxD = token_BxWxD.reshape(batch * width, num_children)
     if use_candidates:
-      logits_NxD, state = tokens_to_candidate_logits(state, tokens_Nx1, token_NxD)
+      token_range = (trie.token_starts[p], trie.token_starts[p] + trie.position_sizes[p])
+      logits_NxD, state = tokens_to_candidate_logits(state, tokens_Nx1, token_NxD, token_range)
       logits_BxWxD = logits_NxD.astype(jnp.float32).reshape(batch, width, num_children)
     else:
       logits_NxV, state = tokens_to_logits(state, tokens_Nx1)
@@ -378,8 +382,22 @@ class DecodingFns(NamedTuple):
   initial_state: Any
 
 
+def t5_head(module: t5.Transformer, params: Any) -> jax.Array:
+  """The LM head as a [D, V] matrix applied to the decoder's final hidden states.
+
+  The tied head is the transposed embedding with the emb_dim**-0.5 rescale folded in. Prepare
+  it once (`IdDecoder` does): XLA:CPU multiplies by a [D, V] matrix several times faster than
+  by the [V, D] embedding when few rows are decoded, and transposing inside every call costs
+  more than it saves.
+  """
+  if module.config.logits_via_embedding:
+    embedding_VxD = jnp.asarray(params["token_embedder"]["embedding"], jnp.float32)
+    return embedding_VxD.T * jnp.float32(module.config.emb_dim**-0.5)
+  return jnp.asarray(params["logits_dense"]["kernel"], jnp.float32)
+
+
 def t5_decoding_fns(module: t5.Transformer, params: Any, encoder_tokens_BxL: jax.Array,
-                    num_positions: int) -> DecodingFns:
+                    num_positions: int, head_DxV: jax.Array | None = None) -> DecodingFns:
   """Builds `beam_search`'s functions for `t5.Transformer` (call it inside jit).
 
   The encoder runs once per query, and so do the cross-attention keys/values of every decoder
@@ -387,6 +405,14 @@ def t5_decoding_fns(module: t5.Transformer, params: Any, encoder_tokens_BxL: jax
   through the decoder's grouped cross-attention, never copied per beam. The state is the
   self-attention cache, sized for `num_positions` decoder inputs (start token + C - 1 codes)
   and created for one row per query; `gather_beams` grows it to the beams.
+
+  Args:
+    module: the model.
+    params: its parameters.
+    encoder_tokens_BxL: int queries, 0 = padding.
+    num_positions: C.
+    head_DxV: `t5_head(module, params)`, prepared outside the jitted call; None uses the
+      model's own head.
   """
   variables = {"params": params}
   encoded_BxLxD = module.apply(variables, encoder_tokens_BxL, enable_dropout=False,
@@ -405,27 +431,30 @@ def t5_decoding_fns(module: t5.Transformer, params: Any, encoder_tokens_BxL: jax
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
 
   def step(cache, tokens_Nx1):
+    # The model's own full-vocabulary head is computed only when its output is used (XLA
+    # drops it otherwise).
     (logits_Nx1xV, hidden_Nx1xD), new_vars = module.apply(
         {"params": params, "cache": cache}, None, encoder_tokens_BxL, tokens_Nx1, decode=True,
         enable_dropout=False, mutable=["cache"], method=module.decode, cross_kv=cross_kv,
         return_hidden=True)
-    return logits_Nx1xV[:, 0], hidden_Nx1xD[:, 0], new_vars["cache"]
+    return logits_Nx1xV[:, 0], hidden_Nx1xD[:, 0].astype(jnp.float32), new_vars["cache"]
 
   def tokens_to_logits(cache, tokens_Nx1):
-    logits_NxV, _, cache = step(cache, tokens_Nx1)
+    logits_NxV, hidden_NxD, cache = step(cache, tokens_Nx1)
+    if head_DxV is not None:
+      logits_NxV = nn.with_logical_constraint(hidden_NxD @ head_DxV, ("batch", "vocab"))
     return logits_NxV, cache
 
-  def tokens_to_candidate_logits(cache, tokens_Nx1, candidates_NxD):
-    # The full-vocabulary head of `step` is unused here, and XLA drops it.
-    _, hidden_NxE, cache = step(cache, tokens_Nx1)
-    hidden_NxE = hidden_NxE.astype(jnp.float32)
-    if module.config.logits_via_embedding:
-      rows_NxDxE = jnp.take(params["token_embedder"]["embedding"], candidates_NxD, axis=0)
-      logits_NxD = jnp.einsum("ne,nde->nd", hidden_NxE * module.config.emb_dim**-0.5, rows_NxDxE)
+  def tokens_to_candidate_logits(cache, tokens_Nx1, candidates_NxD, token_range):
+    _, hidden_NxD, cache = step(cache, tokens_Nx1)
+    start, end = token_range
+    # The position's slice of the head, then the candidates among its codes.
+    if head_DxV is not None:
+      slice_DxK = head_DxV[:, start:end]
     else:
-      cols_ExNxD = jnp.take(params["logits_dense"]["kernel"], candidates_NxD, axis=1)
-      logits_NxD = jnp.einsum("ne,end->nd", hidden_NxE, cols_ExNxD)
-    return logits_NxD, cache
+      slice_DxK = t5_head(module, params)[:, start:end]
+    logits_NxK = hidden_NxD @ slice_DxK
+    return jnp.take_along_axis(logits_NxK, candidates_NxD - start, axis=1), cache
 
   return DecodingFns(tokens_to_logits, tokens_to_candidate_logits, cache)
 
@@ -440,8 +469,8 @@ def _param_shardings(module: t5.Transformer, partitioner: partitioning.Partition
 @functools.lru_cache(maxsize=16)
 def _jitted_decoder(module: t5.Transformer, beam_size: int, num_return: int | None,
                     normalization: str, partitioner: partitioning.Partitioner | None):
-  def run(params, encoder_tokens_BxL, trie):
-    fns = t5_decoding_fns(module, params, encoder_tokens_BxL, trie.num_positions)
+  def run(params, head_DxV, encoder_tokens_BxL, trie):
+    fns = t5_decoding_fns(module, params, encoder_tokens_BxL, trie.num_positions, head_DxV)
     return beam_search(
         fns.tokens_to_logits, fns.initial_state, trie, batch_size=encoder_tokens_BxL.shape[0],
         beam_size=beam_size, num_return=num_return, normalization=normalization,
@@ -452,8 +481,50 @@ def _jitted_decoder(module: t5.Transformer, beam_size: int, num_return: int | No
   batch = partitioner.batch_sharding
   return jax.jit(
       run,
-      in_shardings=(_param_shardings(module, partitioner), batch(2), partitioner.replicated),
+      in_shardings=(_param_shardings(module, partitioner),
+                    partitioner.sharding(jax.sharding.PartitionSpec(None, "vocab")), batch(2),
+                    partitioner.replicated),
       out_shardings=BeamSearchResult(batch(3), batch(2), batch(2), batch(2)))
+
+
+class IdDecoder:
+  """Constrained beam search of a T5 over a trie's IDs, prepared once and jit-compiled.
+
+  Places the parameters (sharded by their logical axes with a `partitioner`) and the trie
+  (replicated) once, and prepares the LM head (`t5_head`); each call then runs one compiled
+  program (compiled per batch shape). With a `partitioner` the queries are split over the
+  `data` axis, so B must be a multiple of its size.
+
+      decoder = IdDecoder(module, params, trie, beam_size=20)
+      result = decoder(encoder_tokens_BxL)  # BeamSearchResult: codes [B, R, C], scores [B, R]
+  """
+
+  def __init__(self, module: t5.Transformer, params: Any, trie: Trie, *, beam_size: int = 20,
+               num_return: int | None = None, normalization: str = "full",
+               partitioner: partitioning.Partitioner | None = None):
+    if normalization not in NORMALIZATIONS:
+      raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    self._fn = _jitted_decoder(module, beam_size, num_return, normalization, partitioner)
+    self._partitioner = partitioner
+    if partitioner is None:
+      self._params, self._trie = jax.device_put(params), jax.device_put(trie)
+      self._head = jax.jit(t5_head, static_argnums=0)(module, self._params)
+    else:
+      with partitioner.activate():
+        self._params = jax.device_put(params, _param_shardings(module, partitioner))
+        self._trie = jax.device_put(trie, partitioner.replicated)
+        self._head = jax.jit(
+            t5_head, static_argnums=0,
+            out_shardings=partitioner.sharding(jax.sharding.PartitionSpec(None, "vocab")))(
+                module, self._params)
+
+  def __call__(self, encoder_tokens_BxL: np.ndarray | jax.Array) -> BeamSearchResult:
+    encoder_tokens_BxL = np.asarray(encoder_tokens_BxL, np.int32)
+    if self._partitioner is None:
+      return self._fn(self._params, self._head, encoder_tokens_BxL, self._trie)
+    with self._partitioner.activate():
+      tokens = self._partitioner.global_batch({"x": encoder_tokens_BxL})["x"]
+      return self._fn(self._params, self._head, tokens, self._trie)
 
 
 def decode_ids(
@@ -467,10 +538,10 @@ def decode_ids(
     normalization: str = "full",
     partitioner: partitioning.Partitioner | None = None,
 ) -> BeamSearchResult:
-  """Constrained beam search of a T5 over the trie's IDs, jit-compiled (cached per settings).
+  """One-shot `IdDecoder(module, params, trie, ...)(encoder_tokens_BxL)`.
 
-  With a `partitioner`, parameters are sharded by their logical axes, the queries over the
-  `data` axis (B must be a multiple of its size) and the trie replicated.
+  The compiled program is cached per settings, but parameters are placed and the head
+  prepared on every call: build an `IdDecoder` to decode many batches.
 
   Args:
     module: the seq2seq model.
@@ -480,17 +551,14 @@ def decode_ids(
     beam_size: beams per query (W).
     num_return: IDs returned per query (R <= W; default W).
     normalization: 'full' (exact) or 'restricted' (see the module docstring).
-    partitioner: run on its mesh.
+    partitioner: run on its mesh (parameters sharded by logical axes, queries over `data`).
 
   Returns:
     `BeamSearchResult`: codes [B, R, C], scores [B, R], id_index, valid.
   """
-  fn = _jitted_decoder(module, beam_size, num_return, normalization, partitioner)
-  encoder_tokens_BxL = np.asarray(encoder_tokens_BxL, np.int32)
-  if partitioner is None:
-    return fn(params, encoder_tokens_BxL, trie)
-  with partitioner.activate():
-    return fn(params, partitioner.global_batch({"x": encoder_tokens_BxL})["x"], trie)
+  decoder = IdDecoder(module, params, trie, beam_size=beam_size, num_return=num_return,
+                      normalization=normalization, partitioner=partitioner)
+  return decoder(encoder_tokens_BxL)
 
 
 def ranked_documents(result: BeamSearchResult, trie: Trie,

@@ -288,6 +288,11 @@ def test_t5_candidate_head_equals_restricted_full_logits(head):
   a, b, exact = run(params)
   np.testing.assert_array_equal(a.codes, b.codes)
   np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+  # The prepared head of `IdDecoder` gives the same.
+  prepared = decoding.IdDecoder(module, params, trie, beam_size=6, normalization="restricted")
+  c = prepared(QUERIES)
+  np.testing.assert_array_equal(c.codes, a.codes)
+  np.testing.assert_allclose(c.scores, a.scores, atol=1e-5)
   assert (np.asarray(exact.scores) < np.asarray(a.scores)).all()  # less mass shared out
 
 
