@@ -7,6 +7,7 @@ Legend: N documents, L tokens, D d_model, B batch, V vocabulary.
 """
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -55,10 +56,13 @@ def encoder_params(source: EncoderSource, base_vocab_size: int) -> tuple[t5.T5Co
     rows = params["token_embedder"]["embedding"].shape[0]
     return source.t5_config.replace(vocab_size=rows), params
   config = source.t5_config.replace(vocab_size=base_vocab_size)
+  return config, jax.tree.map(np.asarray, _init_t5(config, jax.random.PRNGKey(source.seed)))
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _init_t5(config: t5.T5Config, rng: jax.Array) -> Any:
   tokens = jnp.ones((1, 1), jnp.int32)
-  variables = jax.jit(lambda rng: t5.Transformer(config).init(
-      rng, tokens, tokens, enable_dropout=False))(jax.random.PRNGKey(source.seed))
-  return config, jax.tree.map(np.asarray, nn.unbox(variables["params"]))
+  return nn.unbox(t5.Transformer(config).init(rng, tokens, tokens, enable_dropout=False)["params"])
 
 
 def mean_pooled_encoding(
@@ -113,11 +117,15 @@ def load_vectors(path: str, num_docs: int) -> np.ndarray:
     vectors = np.load(path, allow_pickle=False)
   except (OSError, ValueError) as e:
     raise ValueError(f"{path}: not a .npy array ({e}).") from None
+  if not isinstance(vectors, np.ndarray):  # An .npz archive.
+    raise ValueError(f"{path}: expected one .npy array, got {type(vectors).__name__}.")
+  if not np.issubdtype(vectors.dtype, np.number):
+    raise ValueError(f"{path}: vectors must be numbers, got dtype {vectors.dtype}.")
   if vectors.ndim != 2:
     raise ValueError(f"{path}: vectors must be [N, D], got shape {vectors.shape}.")
   if vectors.shape[0] != num_docs:
     raise ValueError(f"{path}: {vectors.shape[0]} rows, but the corpus has {num_docs} "
                      "documents (one row per document, in corpus order).")
-  if not np.issubdtype(vectors.dtype, np.number) or not np.isfinite(vectors).all():
-    raise ValueError(f"{path}: vectors must be finite numbers (dtype {vectors.dtype}).")
+  if not np.isfinite(vectors).all():
+    raise ValueError(f"{path}: vectors must be finite (found NaN or inf).")
   return vectors.astype(np.float32)

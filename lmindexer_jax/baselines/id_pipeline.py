@@ -134,13 +134,13 @@ def make_ids(
       config = rqvae_config or rqvae.RqVaeConfig()
       result = rqvae.train_rqvae(x_NxD, sizes, config, seed=seed)
       codes_NxC = result.codes_NxC
+      losses = {k: v for k, v in result.history.items() if k.endswith("loss") and len(v)}
       tail = max(1, min(50, config.num_steps))
       stats["rqvae"] = {
           "num_steps": config.num_steps,
-          **{f"first_{k}": float(v[0]) for k, v in result.history.items() if len(v)},
-          **{f"last{tail}_{k}": float(v[-tail:].mean())
-             for k, v in result.history.items() if len(v)},
-          "dead_codes_reset": int(result.history["dead_codes"].sum()) if config.num_steps else 0,
+          **{f"first_{k}": float(v[0]) for k, v in losses.items()},
+          **{f"last{tail}_{k}": float(v[-tail:].mean()) for k, v in losses.items()},
+          "dead_codes_reset": int(result.history.get("dead_codes", np.zeros(0)).sum()),
       }
   stats.update(id_stats(codes_NxC, sizes, corpus.labels_NxLv))
 

@@ -138,8 +138,10 @@ class TrainState:
 
 def reset_dead_codes(codebook_KxZ: jax.Array, usage_K: jax.Array, residuals_BxZ: jax.Array,
                      rng: jax.Array) -> jax.Array:
-  """Codes with zero usage move onto random residuals of the batch; the others stay."""
-  idx_K = jax.random.randint(rng, (codebook_KxZ.shape[0],), 0, residuals_BxZ.shape[0])
+  """Codes with zero usage move onto random residuals of the batch (distinct ones if B >= K);
+  the others stay."""
+  k, b = codebook_KxZ.shape[0], residuals_BxZ.shape[0]
+  idx_K = jax.random.choice(rng, b, (k,), replace=b < k)
   return jnp.where((usage_K == 0)[:, None], residuals_BxZ[idx_K], codebook_KxZ)
 
 
