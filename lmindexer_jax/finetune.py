@@ -13,7 +13,9 @@ of each learned position, then the disambiguation position's tokens. Three initi
   appended.
 - "scratch": the model's own random initialisation (the trainer's, for the same seed).
 
-`initial_params` writes `MODEL_DIR/init.json` saying which one a run started from.
+`initial_params` writes `MODEL_DIR/init.json` saying which one a run started from; given the
+feature lengths it also records what evaluation needs to rebuild the run (`run_record`: the
+model's config, the task settings in force, the ID file), read back by `lmindexer_jax.eval`.
 
 The indexer's final T5 is read from `<index_dir>/indexer_t5/` (an orbax checkpoint of the T5
 parameters, `save_indexer_t5`); while the indexing pipeline does not write it, it is rebuilt
@@ -21,6 +23,7 @@ from the pipeline's last quantized stage the way the pipeline builds it in memor
 """
 
 from collections.abc import Mapping
+import dataclasses
 import importlib
 import json
 import os
@@ -38,6 +41,8 @@ import seqio
 from lmindexer_jax import checkpoint_import
 from lmindexer_jax import t5
 from lmindexer_jax import vocabularies
+from tasks import semantic_ids
+from tasks import settings
 
 INITS = ("indexer", "hf", "scratch")
 INDEXER_T5_DIR = "indexer_t5"  # under the indexer's MODEL_DIR
@@ -163,6 +168,7 @@ def initial_params(
     index_dir: str = "",
     hf_dir: str = "",
     seed: int = 0,
+    feature_lengths: Mapping[str, int] | None = None,
 ) -> dict:
   """The parameters a fresh fine-tuning run starts from (`train.train(init_params_fn=...)`).
 
@@ -174,6 +180,8 @@ def initial_params(
     index_dir: the indexer's MODEL_DIR (init "indexer").
     hf_dir: a Hugging Face T5 folder (init "hf").
     seed: seeds the appended rows (and the scratch initialisation, as the trainer's seed).
+    feature_lengths: the task's {'inputs': L, 'targets': T}; when given, `init.json` also holds
+      `run_record(...)`, what evaluation needs to rebuild the run.
 
   Returns:
     T5 parameters with numpy leaves; rows [0, shared_rows) of the token embedding (and
@@ -232,8 +240,53 @@ def initial_params(
         "disambiguation_size": layout.disambiguation_size,
         "shared_rows": int(shared),
         "seed": seed,
+        **(run_record(t5_config, feature_lengths) if feature_lengths is not None else {}),
     })
   return jax.tree.map(np.asarray, params)
+
+
+def run_record(t5_config: t5.T5Config, feature_lengths: Mapping[str, int]) -> dict[str, Any]:
+  """What rebuilds a fine-tuning run outside its gin config (JSON-ready).
+
+  The model's config (vocab_size included), the task's feature lengths, the ID file (absolute
+  path) and every `tasks.settings` config in force (corpus sizes, data folders), so that the
+  run's task resolves to the same corpus, vocabulary and IDs.
+  """
+  config = dataclasses.asdict(t5_config)
+  config["dtype"] = str(np.dtype(config["dtype"]))
+  config["mlp_activations"] = list(config["mlp_activations"])
+  task_settings = {}
+  for cls in settings.CONFIG_CLASSES:
+    value = dataclasses.asdict(settings.get(cls))
+    if cls is semantic_ids.IdFile and value["path"]:
+      value["path"] = os.path.abspath(value["path"])
+    task_settings[f"{cls.__module__}.{cls.__qualname__}"] = value
+  return {
+      "t5_config": config,
+      "feature_lengths": {k: int(v) for k, v in feature_lengths.items()},
+      "id_file": os.path.abspath(settings.get(semantic_ids.IdFile).path),
+      "task_settings": task_settings,
+  }
+
+
+def settings_from_record(record: Mapping[str, Any]) -> list[Any]:
+  """The `tasks.settings` configs of a `run_record` (pass them to `settings.configured`)."""
+  configs = []
+  for name, value in record.get("task_settings", {}).items():
+    module_name, _, class_name = name.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    configs.append(cls(**{k: _tuples(v) for k, v in value.items()}))
+  return configs
+
+
+def t5_config_from_record(record: Mapping[str, Any]) -> t5.T5Config:
+  """The fine-tuned model's config of a `run_record`."""
+  return t5.T5Config(**{k: _tuples(v) for k, v in record["t5_config"].items()})
+
+
+def _tuples(value: Any) -> Any:
+  """JSON lists back to the tuples the frozen configs hold."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _learned_layout(layout: vocabularies.IdLayout) -> vocabularies.IdLayout:

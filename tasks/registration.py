@@ -43,6 +43,16 @@ def task_name(dataset_name: str, task: str) -> str:
   return f"{PREFIX}.{dataset_name}.{task}"
 
 
+_FAMILIES: dict[str, "_Family"] = {}  # dataset name -> its registered family
+
+
+def corpus_source(dataset_name: str) -> corpus.CorpusSource:
+  """The resolved corpus of a registered dataset (evaluation reads qrels and user sequences)."""
+  if dataset_name not in _FAMILIES:
+    raise KeyError(f"no registered dataset {dataset_name!r}; known: {sorted(_FAMILIES)}")
+  return _FAMILIES[dataset_name].source()
+
+
 @functools.lru_cache(maxsize=8)
 def _validated(source: corpus.CorpusSource, name: str) -> corpus.CorpusSource:
   source.validate(name)
@@ -221,6 +231,7 @@ def register_corpus_tasks(
   if unknown:
     raise ValueError(f"unknown tasks {sorted(unknown)}; expected a subset of {ALL_TASKS}")
   family = _Family(dataset_name, corpus_provider)
+  _FAMILIES[dataset_name] = family
   base_vocab = vocabularies.LazyVocabulary(family.base_vocabulary, f"{dataset_name}.base")
   id_vocab = vocabularies.LazyVocabulary(family.id_vocabulary, f"{dataset_name}.semantic_ids")
   id_features = {

@@ -1,0 +1,271 @@
+"""The main job: index -> IDs of each scheme -> fine-tune each task on each -> evaluate -> table.
+
+  run(model_dir="runs/quickstart", index_task="lmindexer.synthetic.index", indexer=..., ...)
+
+1. `indexer(model_dir=MODEL_DIR/index)`: the semantic indexer (`index_pipeline.index`, its
+   schedule bound in gin) writes the learned IDs, scheme "learned".
+2. Each baseline scheme's `make_ids(model_dir=MODEL_DIR/ids/<scheme>, encoder=...)`
+   (`baselines.id_pipeline.make_ids`). Vector schemes (RQ-VAE, k-means) read the mean-pooled
+   states of the indexer's OWN trained T5 encoder (its last quantized stage), so learned and
+   baseline IDs start from the same representations: the comparison is of the ID schemes, not
+   of encoders.
+3. For each task and scheme, fine-tune (`MODEL_DIR/<task>/<scheme>/`) at the same model size,
+   step budget and initialisation (`init`, default "scratch"; `learned_init="indexer"` gives the
+   learned IDs the indexer's checkpoint, the paper's choice), then `eval.evaluate` on `split`.
+4. Print one table (task x scheme) and write `MODEL_DIR/results.json`.
+
+Every sub-run lives in its own directory and a rerun resumes: the indexer skips its finished
+stages, a scheme whose `semantic_ids.tsv` exists is not rebuilt, a run whose
+`metrics_<split>.json` exists is not trained or evaluated again, and an interrupted
+fine-tuning run resumes from its last checkpoint.
+"""
+
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+from lmindexer_jax import checkpoints
+from lmindexer_jax import data
+from lmindexer_jax import eval as eval_lib
+from lmindexer_jax import evaluation
+from lmindexer_jax import finetune
+from lmindexer_jax import models
+from lmindexer_jax import optimizers
+from lmindexer_jax import partitioning
+from lmindexer_jax import t5
+from lmindexer_jax import train
+from lmindexer_jax.baselines import embeddings
+from tasks import semantic_ids
+from tasks import settings
+
+LEARNED = "learned"
+RESULTS_FILE = "results.json"
+TABLE_COLUMNS = ("recall@1", "recall@10", "ndcg@10", "mrr@10", "invalid_ids")
+# Rec rows show the metrics with the user's earlier items kept; results.json has both.
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """One budget for every fine-tuning run of the comparison (gin-bound).
+
+  Attributes:
+    train_steps, batch_size, learning_rate, warmup_steps: AdamW, linear decay.
+    target_length: ID positions + EOS.
+    log_period, checkpoint_period: as in `train.train`.
+  """
+
+  train_steps: int = 300
+  batch_size: int = 32
+  learning_rate: float = 3e-3
+  warmup_steps: int = 30
+  target_length: int = 8
+  log_period: int = 50
+  checkpoint_period: int = 1000
+
+
+def finetune_run(
+    *,
+    model_dir: str,
+    task_name: str,
+    id_file: str,
+    t5_config: t5.T5Config,
+    input_length: int,
+    config: FinetuneConfig,
+    init: str = "scratch",
+    index_dir: str = "",
+    seed: int = 0,
+    partitioner: partitioning.Partitioner | None = None,
+    disambiguation_size: int | None = None,
+) -> int:
+  """Fine-tunes (or resumes) `task_name` on the IDs of `id_file`, as gin/runs/finetune.gin does.
+
+  `disambiguation_size` overrides the ID file's (`semantic_ids.IdFile`): the comparison gives
+  every scheme the same vocabulary, hence the same model size. The settings in force are
+  recorded in `init.json`, so `eval.evaluate` reads the IDs the same way.
+
+  Returns:
+    The step reached.
+  """
+  id_config = dataclasses.replace(settings.get(semantic_ids.IdFile), path=id_file)
+  if disambiguation_size is not None:
+    id_config = dataclasses.replace(id_config, disambiguation_size=int(disambiguation_size))
+  with settings.configured(id_config):
+    model_config = finetune.task_model_config(t5_config, task_name)
+    lengths = {"inputs": int(input_length), "targets": int(config.target_length)}
+    state = train.train(
+        model=models.EncoderDecoderModel(t5.Transformer(model_config)),
+        train_dataset_cfg=data.DatasetConfig(
+            mixture_or_task_name=task_name, task_feature_lengths=lengths,
+            batch_size=config.batch_size, split="train", shuffle=True, seed=seed),
+        optimizer=optimizers.adamw(config.learning_rate, total_steps=config.train_steps,
+                                   warmup_steps=config.warmup_steps, decay="linear"),
+        total_steps=config.train_steps,
+        model_dir=model_dir,
+        partitioner=partitioner,
+        checkpoint_cfg=checkpoints.CheckpointConfig(config.checkpoint_period, keep=1),
+        seed=seed,
+        log_period=config.log_period,
+        init_params_fn=lambda: finetune.initial_params(
+            init=init, t5_config=model_config, task_name=task_name, model_dir=model_dir,
+            index_dir=index_dir, seed=seed, feature_lengths=lengths),
+    )
+  return int(state.step)
+
+
+def last_stage_dir(index_dir: str) -> str:
+  """The indexer run's last quantized stage (its final T5 encoder)."""
+  stages = os.path.join(index_dir, "stages")
+  positions = [int(name.rpartition("_")[2]) for name in os.listdir(stages)
+               if name.startswith("quantized_") and name.rpartition("_")[2].isdigit()]
+  if not positions:
+    raise FileNotFoundError(f"{index_dir}: no stages/quantized_<t>/ (indexing did not finish)")
+  return os.path.join(stages, f"quantized_{max(positions)}")
+
+
+def use_compilation_cache(directory: str | None) -> None:
+  """Keeps XLA's compiled programs in `directory` (None: no persistent cache), from now on."""
+  jax.config.update("jax_compilation_cache_dir",
+                    None if directory is None else os.path.abspath(directory))
+  compilation_cache.reset_cache()  # Else a process that compiled before ignores the change.
+
+
+def _say(message: str) -> None:
+  print(f"[experiment] {message}", flush=True)
+
+
+def _atomic_json(path: str, value: Any) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=1)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+
+
+def run(
+    *,
+    model_dir: str,
+    index_task: str,
+    indexer: Callable[..., Any],
+    id_makers: Mapping[str, Callable[..., Any]],
+    tasks: Mapping[str, int],
+    t5_config: t5.T5Config,
+    finetune_config: FinetuneConfig | None = None,
+    init: str = "scratch",
+    learned_init: str | None = None,
+    split: str = "test",
+    beam_size: int = 20,
+    eval_batch_size: int = 64,
+    seed: int = 0,
+    partitioner: partitioning.Partitioner | None = None,
+    compilation_cache: bool = False,
+) -> dict[str, Any]:
+  """Runs (or resumes) the whole comparison; returns what `results.json` holds.
+
+  Args:
+    model_dir: the job's directory; sub-runs go to index/, ids/<scheme>/, <task>/<scheme>/.
+    index_task: the dataset's `lmindexer.<dataset>.index` task (names its other tasks).
+    indexer: `index_pipeline.index` with its settings bound; called with `model_dir`.
+    id_makers: scheme -> `id_pipeline.make_ids` with its settings bound; called with
+      `model_dir` and `encoder` (the indexer's final encoder, used by vector schemes).
+    tasks: fine-tuning task (`retrieval_indexing`, `search`, `rec`, ...) -> its input length.
+    t5_config: the model of every run (the indexer's too: an "indexer" init needs it).
+    finetune_config: the step budget shared by every run.
+    init: the initialisation of every run ("scratch" or "hf"-free choices of `finetune.INITS`).
+    learned_init: overrides `init` for the learned IDs (e.g. "indexer"); None: `init`.
+    split: the evaluation split.
+    beam_size: beams (and IDs returned) per query; metrics @K are reported for K <= it.
+    eval_batch_size: queries per decoder call.
+    seed: seeds every sub-run.
+    partitioner: the mesh of the fine-tuning runs.
+    compilation_cache: keep XLA's compiled programs in MODEL_DIR/jax_cache (JAX's persistent
+      cache): runs of equal shapes (every scheme has the same vocabulary; tasks of the same
+      input length) then compile their train step once, and a rerun compiles nothing again.
+  """
+  start = time.time()
+  finetune_config = finetune_config or FinetuneConfig()
+  train.prepare_model_dir(model_dir)
+  if compilation_cache:
+    use_compilation_cache(os.path.join(model_dir, "jax_cache"))
+  index_dir = os.path.join(model_dir, "index")
+  id_files = {LEARNED: os.path.join(index_dir, semantic_ids.FILE_NAME)}
+  _say(f"[1/4] indexing {index_task} in {index_dir}")
+  if not os.path.exists(id_files[LEARNED]):
+    if indexer(model_dir=index_dir) is None:
+      raise RuntimeError("indexing stopped before its end (preempted): run the job again")
+  else:
+    _say("indexing: done before, skipped")
+  encoder = embeddings.EncoderSource(t5_config=t5_config, checkpoint_dir=last_stage_dir(index_dir))
+  for scheme, make_ids in id_makers.items():
+    scheme_dir = os.path.join(model_dir, "ids", scheme)
+    id_files[scheme] = os.path.join(scheme_dir, semantic_ids.FILE_NAME)
+    if os.path.exists(id_files[scheme]):
+      _say(f"[2/4] {scheme} IDs: done before, skipped")
+      continue
+    _say(f"[2/4] {scheme} IDs in {scheme_dir}")
+    make_ids(model_dir=scheme_dir, encoder=encoder)
+
+  # One disambiguation size for all: the same vocabulary and model size for every scheme.
+  disambiguation_size = max(semantic_ids.read(path).disambiguation_size
+                            for path in id_files.values())
+  results: dict[str, Any] = {"split": split, "beam_size": beam_size,
+                             "finetune": dataclasses.asdict(finetune_config),
+                             "disambiguation_size": disambiguation_size, "tasks": {}}
+  runs = [(task, scheme) for task in tasks for scheme in id_files]
+  for i, (task, scheme) in enumerate(runs, start=1):
+    task_name = finetune.dataset_task(index_task, task)
+    run_dir = os.path.join(model_dir, task, scheme)
+    metrics_path = os.path.join(run_dir, eval_lib.METRICS_FILE.format(split=split))
+    run_init = learned_init if scheme == LEARNED and learned_init else init
+    if os.path.exists(metrics_path):
+      _say(f"[3/4] run {i}/{len(runs)} {task} x {scheme}: done before, skipped")
+      with open(metrics_path) as f:
+        result = json.load(f)
+    else:
+      _say(f"[3/4] run {i}/{len(runs)} {task} x {scheme}: fine-tune {finetune_config.train_steps} "
+           f"steps from {run_init} in {run_dir}")
+      step = finetune_run(
+          model_dir=run_dir, task_name=task_name, id_file=id_files[scheme], t5_config=t5_config,
+          input_length=tasks[task], config=finetune_config, init=run_init,
+          index_dir=index_dir, seed=seed, partitioner=partitioner,
+          disambiguation_size=disambiguation_size)
+      if step < finetune_config.train_steps:
+        raise RuntimeError(f"{run_dir} stopped at step {step} (preempted): run the job again")
+      _say(f"[4/4] run {i}/{len(runs)} {task} x {scheme}: evaluate on {split}")
+      result = eval_lib.evaluate(run_dir, split=split, beam_size=beam_size,
+                                 batch_size=eval_batch_size, verbose=False)
+    entry = {
+        **result["metrics"],
+        "invalid_ids": result["invalid_ids"],
+        "init": result["init"],
+        "num_queries": result["num_queries"],
+        "run_dir": run_dir,
+    }
+    if "metrics_excluding_history" in result:
+      entry["excluding_history"] = result["metrics_excluding_history"]
+    results["tasks"].setdefault(task, {})[scheme] = entry
+  results["seconds_this_call"] = round(time.time() - start, 1)
+  _atomic_json(os.path.join(model_dir, RESULTS_FILE), results)
+  print(results_table(results), end="", flush=True)
+  _say(f"wrote {os.path.join(model_dir, RESULTS_FILE)} ({results['seconds_this_call']:.0f} s)")
+  return results
+
+
+def results_table(results: Mapping[str, Any],
+                  columns: Sequence[str] = TABLE_COLUMNS) -> str:
+  """One row per task x scheme; rec also with the user's earlier items removed ("-earlier")."""
+  rows = {}
+  for task, schemes in results["tasks"].items():
+    for scheme, values in schemes.items():
+      rows[f"{task} / {scheme}"] = values
+    for scheme, values in schemes.items():
+      if "excluding_history" in values:
+        rows[f"{task} -earlier / {scheme}"] = {**values["excluding_history"],
+                                               "invalid_ids": values["invalid_ids"]}
+  return evaluation.format_table(rows, list(columns), row_header="task / scheme")

@@ -1,0 +1,163 @@
+"""The main job on a tiny corpus: every task x scheme in results.json, and a rerun resumes."""
+
+import functools
+import json
+import os
+import pathlib
+import sys
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmindexer_jax import checkpoints
+from lmindexer_jax import experiment
+from lmindexer_jax import gin_utils
+from lmindexer_jax import partitioning
+from lmindexer_jax import t5
+from lmindexer_jax import train
+from lmindexer_jax import vocabularies
+from lmindexer_jax.baselines import id_pipeline
+from lmindexer_jax.baselines import rqvae
+from tasks import semantic_ids
+from tasks import settings
+from tasks import synthetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = synthetic.CorpusConfig(
+    num_docs=96, branching=(4, 2, 2), words_per_topic=(8, 6, 4), num_users=24, vocab_size=300
+)
+CODEBOOKS = (4, 4)
+INDEX_TASK = "lmindexer.synthetic.index"
+T5_CONFIG = t5.T5Config(vocab_size=0, emb_dim=32, num_heads=2, num_encoder_layers=1,
+                        num_decoder_layers=1, head_dim=16, mlp_dim=64,
+                        mlp_activations=("gelu", "linear"), logits_via_embedding=False)
+TASKS = {"retrieval_indexing": 32, "rec": 32}
+SCHEMES = ("learned", "rqvae")  # random IDs: the same path without vectors (eval_test uses them)
+
+
+def fake_indexer(calls: list, *, model_dir: str) -> dict:
+  """What the indexer leaves: a last quantized stage (T5 + codebooks) and its IDs.
+
+  The IDs are the planted topic codes of the first two levels (what a perfect indexer finds).
+  """
+  calls.append(model_dir)
+  corpus = synthetic.build(TINY)
+  base = synthetic.vocabulary(TINY).vocab_size
+  layout = vocabularies.IdLayout(base, CODEBOOKS)
+  config = T5_CONFIG.replace(vocab_size=layout.vocab_size)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  t5_params = nn.unbox(t5.Transformer(config).init(
+      jax.random.PRNGKey(5), tokens, tokens, enable_dropout=False)["params"])
+  rng = np.random.default_rng(0)
+  params = {"t5": t5_params, **{f"quantizers_{t}": {"codebook": rng.normal(
+      size=(k, 32)).astype(np.float32)} for t, k in enumerate(CODEBOOKS)}}
+  stage = os.path.join(model_dir, "stages", f"quantized_{len(CODEBOOKS) - 1}", "checkpoints")
+  checkpointer = checkpoints.Checkpointer(stage, checkpoints.CheckpointConfig(keep=1))
+  checkpointer.save(3, train.TrainState(jnp.asarray(3, jnp.int32), params, ()))
+  checkpointer.close()
+  planted = corpus.planted_codes[:, :2] % np.array(CODEBOOKS)
+  codes, size = semantic_ids.append_disambiguation(planted)
+  semantic_ids.write(os.path.join(model_dir, semantic_ids.FILE_NAME), corpus.doc_ids, codes,
+                     codebook_sizes=CODEBOOKS, disambiguation_size=size)
+  return {}
+
+
+def _run(model_dir, calls):
+  make_ids = functools.partial(id_pipeline.make_ids, index_task=INDEX_TASK,
+                               codebook_sizes=CODEBOOKS, max_length=24)
+  config = rqvae.RqVaeConfig(latent_dim=8, hidden_dims=(32,), num_steps=20, batch_size=64,
+                             reset_window=0, kmeans_iters=5)
+  return experiment.run(
+      model_dir=str(model_dir), index_task=INDEX_TASK,
+      indexer=functools.partial(fake_indexer, calls),
+      id_makers={"rqvae": functools.partial(make_ids, scheme="rqvae", rqvae_config=config)},
+      tasks=TASKS, t5_config=T5_CONFIG,
+      finetune_config=experiment.FinetuneConfig(train_steps=8, batch_size=16, warmup_steps=2,
+                                                target_length=4, log_period=4),
+      learned_init="indexer", beam_size=10, eval_batch_size=32,
+      partitioner=partitioning.Partitioner(num_devices=1), compilation_cache=True)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+  model_dir = tmp_path_factory.mktemp("job")
+  calls = []
+  try:
+    with settings.configured(TINY):
+      first = _run(model_dir, calls)
+      yield model_dir, calls, first
+  finally:
+    experiment.use_compilation_cache(None)
+
+
+def test_results_have_every_task_and_scheme(job):
+  model_dir, calls, results = job
+  assert calls == [str(model_dir / "index")]
+  on_disk = json.loads((model_dir / experiment.RESULTS_FILE).read_text())
+  assert on_disk == results
+  assert set(results["tasks"]) == set(TASKS)
+  for task in TASKS:
+    assert set(results["tasks"][task]) == set(SCHEMES)
+    for scheme, entry in results["tasks"][task].items():
+      assert entry["invalid_ids"] == 0
+      assert entry["init"] == ("indexer" if scheme == "learned" else "scratch")
+      for key in ("recall@1", "recall@10", "ndcg@10", "mrr@10"):
+        assert 0 <= entry[key] <= 1
+      assert "recall@20" not in entry  # beam 10
+      assert ("excluding_history" in entry) == (task == "rec")
+      assert (model_dir / task / scheme / "run_test.trec").exists()
+  # Every scheme's runs have one vocabulary (one disambiguation size): the same model size.
+  sizes = {json.loads((model_dir / task / s / "init.json").read_text())["vocab_size"]
+           for task in TASKS for s in SCHEMES}
+  assert len(sizes) == 1
+  stats = json.loads((model_dir / "ids" / "rqvae" / "id_stats.json").read_text())
+  assert "quantized_1" in stats["vectors"]  # the indexer's own encoder
+  table = experiment.results_table(results)
+  assert "rec -earlier / rqvae" in table and "retrieval_indexing / learned" in table
+
+
+def test_rerun_skips_finished_sub_runs(job, capsys):
+  model_dir, calls, first = job
+  redo = model_dir / "rec" / "rqvae"
+  (redo / "metrics_test.json").unlink()
+  stamps = {p: p.stat().st_mtime_ns for p in model_dir.glob("*/*/metrics_test.json")}
+  trained = (redo / "metrics.jsonl").read_text()
+  with settings.configured(TINY):
+    again = _run(model_dir, calls)
+  out = capsys.readouterr().out
+  assert calls == [str(model_dir / "index")]  # not indexed again
+  assert out.count("done before, skipped") == 1 + 1 + 3  # index, the rqvae IDs, 3 of 4 runs
+  assert "resumed from step 8" in out  # the redone run is only evaluated
+  assert (redo / "metrics.jsonl").read_text() == trained
+  assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+  first = dict(first, seconds_this_call=None)
+  assert dict(again, seconds_this_call=None) == first
+
+
+def test_gin_files_parse(monkeypatch):
+  """quickstart.gin and compare.gin + ml100k.gin bind the job (not run here)."""
+  monkeypatch.chdir(REPO)
+  monkeypatch.setattr(sys.modules["__main__"], "train", train.train, raising=False)
+  monkeypatch.setattr(sys.modules["__main__"], "run", train.run, raising=False)
+  for files in (["gin/quickstart.gin"], ["gin/runs/compare.gin", "gin/data/ml100k.gin"]):
+    gin.clear_config()
+    try:
+      gin_utils.parse(files, ["MODEL_DIR = '/tmp/x'"], [])
+      job = gin.query_parameter("train_script.run.job")
+      assert job.selector.endswith("experiment.run")
+      tasks = gin.query_parameter("FINETUNE_TASKS/macro.value")
+      makers = gin.query_parameter("ID_MAKERS/macro.value")
+      if files == ["gin/quickstart.gin"]:
+        assert tasks == {"retrieval_indexing": 64, "rec": 64}
+        assert set(makers) == {"random", "rqvae"}
+        assert gin.query_parameter("MODEL_DIR/macro.value") == "/tmp/x"
+      else:
+        assert tasks == {"rec": 128}
+        assert set(makers) == {"random", "hkmeans", "rqkmeans", "rqvae"}
+        assert gin.query_parameter("INDEX_TASK/macro.value") == "lmindexer.ml100k.index"
+    finally:
+      gin.clear_config()
