@@ -31,7 +31,9 @@ import seqio
 
 from lmindexer_jax import checkpoints
 from lmindexer_jax import data
+from lmindexer_jax import finetune
 from lmindexer_jax import indexer
+from lmindexer_jax import indexer_manifest
 from lmindexer_jax import kmeans
 from lmindexer_jax import metrics
 from lmindexer_jax import optimizers
@@ -230,6 +232,14 @@ def _save_array(path: str, array: np.ndarray) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _save_params(stage_dir: str, params: Any) -> None:
+  """Saves `params` where `final_params` reads them, as the stage's step-0 checkpoint."""
+  directory = os.path.abspath(os.path.join(stage_dir, "checkpoints", "0", "state"))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory, {"params": params}, force=True)
+  checkpointer.wait_until_finished()
+
+
 def final_params(stage_dir: str) -> Any:
   """The parameters of a finished training stage (its last checkpoint), on the host."""
   directory = os.path.abspath(os.path.join(stage_dir, "checkpoints"))
@@ -315,6 +325,12 @@ def index(
     """
 
     def run():
+      if steps == 0:
+        # Nothing to train (the k-means-only ablation): the stage's result is `init` itself.
+        if init is None:
+          raise ValueError(f"stage {name} needs at least one step (it has no input parameters).")
+        _save_params(stage_dir(name), init)
+        return {}
       batches = DocumentBatches(
           corpus.tokens_NxL, schedule.batch_size, seed=seed + 7919 * len(stats["positions"]),
           prefix_codes_NxP=codes_NxC if spec.position else None,
@@ -406,6 +422,15 @@ def index(
       disambiguation_size=disambiguation_size,
       unique=metrics.group_stats(final_NxC1)["max_group_size"] == 1,
   )
+  # The trained T5 is the indexer: downstream runs start from it (`finetune`), and `assign`
+  # gives IDs to new documents with it (the manifest says how the run was set up).
+  if jax.process_index() == 0:
+    finetune.save_indexer_t5(model_dir, params["t5"])
+    indexer_manifest.write_indexer_manifest(
+        model_dir, index_task=index_task, t5_config=t5_config, config=config,
+        max_length=max_length,
+        base_vocabulary=seqio.get_mixture_or_task(index_task).output_features["inputs"].vocabulary,
+        eval_batch_size=schedule.eval_batch_size)
   semantic_ids.write(os.path.join(model_dir, semantic_ids.FILE_NAME), list(corpus.doc_ids),
                      final_NxC1, codebook_sizes=config.codebook_sizes,
                      disambiguation_size=disambiguation_size)

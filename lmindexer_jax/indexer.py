@@ -44,11 +44,19 @@ class IndexerConfig:
     num_negatives: same-prefix negatives per document at t > 0.
     contrastive_temperature: divides contrastive scores (the reference: 1, raw dot product).
     contrastive_normalize: cosine instead of dot-product contrastive scores.
+    contrastive_weight: one weight, or (position 1, later positions): in-batch negatives at
+      position 1 teach instance identity, same-prefix negatives later separate siblings, and a
+      corpus may want one and not the other.
     reconstruction_weight, contrastive_weight, commitment_weight: loss weights; 0 switches a
       term off (the "no reconstructor / no contrastive / no commitment" ablations).
     quantizer_temperature: softmax temperature of the straight-through quantizer.
     gumbel_scale: Gumbel noise on the quantizer logits while training (0: none, the reference).
     quantizer_normalize: cosine instead of dot-product code logits.
+    nocode_noise: Gaussian noise added, while training, to the continuous h_t the
+      reconstructor reads in the no-codebook stage, as a multiple of h's RMS (0: none, the
+      reference). A capacity limit: under noise h_t keeps the information that rebuilds the
+      most of the document per bit (the coarse topic), which is what the single code of
+      position t will carry, so k-means on h_t finds it.
     reconstructor_config: the reconstructor's own settings.
   """
 
@@ -58,15 +66,22 @@ class IndexerConfig:
   contrastive_temperature: float = 1.0
   contrastive_normalize: bool = False
   reconstruction_weight: float = 1.0
-  contrastive_weight: float = 1.0
+  contrastive_weight: float | tuple[float, float] = 1.0
   commitment_weight: float = 1.0
   quantizer_temperature: float = 1.0
   gumbel_scale: float = 0.0
   quantizer_normalize: bool = False
+  nocode_noise: float = 0.0
   reconstructor_config: reconstructor.ReconstructorConfig = reconstructor.ReconstructorConfig()
 
   def mask_ratio(self, position: int) -> float:
     return self.mask_ratios[0] if position == 0 else self.mask_ratios[1]
+
+  def contrastive_weight_at(self, position: int) -> float:
+    weights = self.contrastive_weight
+    if isinstance(weights, int | float):
+      return float(weights)
+    return float(weights[0] if position == 0 else weights[1])
 
 
 class SemanticIndexer(nn.Module):
@@ -201,6 +216,10 @@ class IndexerModel(models.BaseModel):
         id_h_BxD = q.quantized_BxD
         metrics["codes_used_in_batch"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
+      elif cfg.nocode_noise and not deterministic:
+        rms_Bx1 = jnp.sqrt(jnp.mean(jnp.square(h_BxD), axis=-1, keepdims=True))
+        noise_BxD = jax.random.normal(jax.random.fold_in(rng, 5), h_BxD.shape)
+        id_h_BxD = h_BxD + cfg.nocode_noise * rms_Bx1 * noise_BxD
       mask_BxLxS = reconstructor.sample_reconstruction_mask(
           rngs.get("mask"), tokens_BxL, t + 1, cfg.mask_ratio(t),
           cfg.reconstructor_config.special_ids)
@@ -213,7 +232,8 @@ class IndexerModel(models.BaseModel):
       metrics.update(m)
 
     # Contrastive: a second dropout view is the positive (not in the frozen warm-up).
-    if cfg.contrastive_weight and not stage.freeze_t5 and not deterministic:
+    contrastive_weight = cfg.contrastive_weight_at(t)
+    if contrastive_weight and not stage.freeze_t5 and not deterministic:
       h2_BxD, _ = apply(SemanticIndexer.represent, tokens_BxL, prefix_BxP,
                         enable_dropout=True, rng_name="view2")
       if t == 0:
@@ -231,7 +251,7 @@ class IndexerModel(models.BaseModel):
         loss, m = losses.prefix_contrastive_loss(
             h_BxD, h2_BxD, neg_h.reshape(batch_size, g, -1), batch["negative_mask"],
             temperature=cfg.contrastive_temperature, normalize=cfg.contrastive_normalize)
-      total += cfg.contrastive_weight * loss
+      total += contrastive_weight * loss
       metrics.update(m)
 
     # Commitment: the decoder must keep predicting the codes already assigned.

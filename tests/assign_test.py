@@ -7,28 +7,20 @@ import subprocess
 import sys
 
 import indexer_test  # The tiny corpus, T5 and schedule of the pipeline tests (tests/ is on path).
+from indexer_test import straight_index  # noqa: F401  (a session fixture: one run for both files)
 import numpy as np
 import pytest
 import seqio
 
 from lmindexer_jax import assign
 from lmindexer_jax import index_pipeline
-from lmindexer_jax import indexer
 from lmindexer_jax import indexer_manifest
-from lmindexer_jax import partitioning
 from tasks import semantic_ids
 from tasks import settings
 from tasks import synthetic
 
 TASK = "lmindexer.synthetic.index"
 MAX_LENGTH = 24
-CONFIG = indexer.IndexerConfig(codebook_sizes=(3, 2))
-T5_CONFIG = indexer_test.T5_CONFIG.replace(vocab_size=0)
-# As few steps as give distinct codes: the test is about reproducing them, not their quality.
-SCHEDULE = dataclasses.replace(indexer_test._SCHEDULE, warmup_steps=1, nocode_steps=2,
-                               quantized_steps=2, checkpoint_period=2, log_period=2)
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
   model_dir: str
@@ -38,22 +30,16 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Run:
-  model_dir = str(tmp_path_factory.mktemp("assign") / "run")
+def run(request) -> Run:
+  """The pipeline tests' tiny run (`gin/runs/index.gin`, codebooks (2, 2)), shared with them."""
+  model_dir = request.getfixturevalue("straight_index")
   with settings.configured(indexer_test._TINY):
-    index_pipeline.index(model_dir=model_dir, index_task=TASK, t5_config=T5_CONFIG,
-                         config=CONFIG, schedule=SCHEDULE, max_length=MAX_LENGTH,
-                         partitioner=partitioning.Partitioner(num_devices=1))
     vocabulary = seqio.get_mixture_or_task(TASK).output_features["inputs"].vocabulary
-    # The call `index_pipeline.index` is to make at its end (harmless twice: same files).
-    indexer_manifest.write_indexer_manifest(
-        model_dir, index_task=TASK, t5_config=T5_CONFIG, config=CONFIG, max_length=MAX_LENGTH,
-        base_vocabulary=vocabulary, eval_batch_size=SCHEDULE.eval_batch_size)
     corpus = index_pipeline.load_corpus(TASK, MAX_LENGTH)
     source = synthetic.corpus_source()
     assert tuple(source.doc_ids) == corpus.doc_ids
     spm_file = vocabulary.resolve().sentencepiece_model_file
-    return Run(model_dir, corpus, tuple(source.texts), spm_file)
+    return Run(str(model_dir), corpus, tuple(source.texts), spm_file)
 
 
 def _existing(run: Run) -> semantic_ids.SemanticIds:
@@ -63,11 +49,11 @@ def _existing(run: Run) -> semantic_ids.SemanticIds:
 def test_manifest_records_the_run(run):
   m = indexer_manifest.read_indexer_manifest(run.model_dir)
   assert m.index_task == TASK and m.max_length == MAX_LENGTH
-  assert m.config == CONFIG
-  assert m.t5_config == T5_CONFIG.replace(dtype="float32")
+  assert m.config.codebook_sizes == (2, 2)
+  assert m.t5_config.emb_dim == 32 and m.t5_config.vocab_size == m.base_vocab_size + 4
   assert m.position_stages == ("quantized_0", "quantized_1") and m.final_stage == "quantized_1"
   assert m.base_vocab_size == run.corpus.base_vocab_size
-  assert m.eval_batch_size == SCHEDULE.eval_batch_size
+  assert m.eval_batch_size == 32
   with open(m.vocabulary_path, "rb") as a, open(run.spm_file, "rb") as b:
     assert a.read() == b.read()
 

@@ -170,7 +170,7 @@ def _env():
   return dict(os.environ, XLA_FLAGS="")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def straight_index(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp("index")
   result = subprocess.run(_index_command(model_dir), cwd=REPO, env=_env(), capture_output=True,
