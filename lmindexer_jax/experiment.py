@@ -17,7 +17,8 @@
 Every sub-run lives in its own directory and a rerun resumes: the indexer skips its finished
 stages, a scheme whose `semantic_ids.tsv` exists is not rebuilt, a run whose
 `metrics_<split>.json` exists is not trained or evaluated again, and an interrupted
-fine-tuning run resumes from its last checkpoint.
+fine-tuning run resumes from its last checkpoint. (So after changing a setting, use a new
+MODEL_DIR or delete the sub-runs it affects.)
 """
 
 from collections.abc import Callable
@@ -177,7 +178,7 @@ def run(
     tasks: fine-tuning task (`retrieval_indexing`, `search`, `rec`, ...) -> its input length.
     t5_config: the model of every run (the indexer's too: an "indexer" init needs it).
     finetune_config: the step budget shared by every run.
-    init: the initialisation of every run ("scratch" or "hf"-free choices of `finetune.INITS`).
+    init: every run's initialisation, "scratch" (default) or "indexer" (`finetune.INITS`).
     learned_init: overrides `init` for the learned IDs (e.g. "indexer"); None: `init`.
     split: the evaluation split.
     beam_size: beams (and IDs returned) per query; metrics @K are reported for K <= it.

@@ -132,3 +132,13 @@ def test_not_a_finetuning_run(tmp_path):
   (tmp_path / finetune.INIT_FILE).write_text(json.dumps({"init": "scratch", "task": "x"}))
   with pytest.raises(ValueError, match="lacks"):
     eval_lib.evaluate(str(tmp_path))
+
+
+def test_invalid_ids_and_tied_scores():
+  ids = semantic_ids.SemanticIds(doc_ids=("a", "b"), codes=np.array([[0, 1], [1, 0]]),
+                                 codebook_sizes=(2,), disambiguation_size=2)
+  codes = np.array([[[0, 1], [1, 1], [-1, -1]], [[1, 0], [0, 0], [0, 1]]])
+  assert eval_lib.count_invalid(codes, ids) == (2, 1)  # (1, 1) and (0, 0); one unfilled
+  scores = eval_lib._strictly_decreasing([-1.0, -1.0, -2.0, -2.0])
+  assert scores[0] == -1.0 and scores[2] == -2.0
+  assert all(a > b for a, b in zip(scores, scores[1:], strict=False))
