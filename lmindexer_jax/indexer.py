@@ -52,11 +52,6 @@ class IndexerConfig:
     quantizer_temperature: softmax temperature of the straight-through quantizer.
     gumbel_scale: Gumbel noise on the quantizer logits while training (0: none, the reference).
     quantizer_normalize: cosine instead of dot-product code logits.
-    nocode_noise: Gaussian noise added, while training, to the continuous h_t the
-      reconstructor reads in the no-codebook stage, as a multiple of h's RMS (0: none, the
-      reference). A capacity limit: under noise h_t keeps the information that rebuilds the
-      most of the document per bit (the coarse topic), which is what the single code of
-      position t will carry, so k-means on h_t finds it.
     reconstructor_config: the reconstructor's own settings.
   """
 
@@ -71,7 +66,6 @@ class IndexerConfig:
   quantizer_temperature: float = 1.0
   gumbel_scale: float = 0.0
   quantizer_normalize: bool = False
-  nocode_noise: float = 0.0
   reconstructor_config: reconstructor.ReconstructorConfig = reconstructor.ReconstructorConfig()
 
   def mask_ratio(self, position: int) -> float:
@@ -216,10 +210,6 @@ class IndexerModel(models.BaseModel):
         id_h_BxD = q.quantized_BxD
         metrics["codes_used_in_batch"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
-      elif cfg.nocode_noise and not deterministic:
-        rms_Bx1 = jnp.sqrt(jnp.mean(jnp.square(h_BxD), axis=-1, keepdims=True))
-        noise_BxD = jax.random.normal(jax.random.fold_in(rng, 5), h_BxD.shape)
-        id_h_BxD = h_BxD + cfg.nocode_noise * rms_Bx1 * noise_BxD
       mask_BxLxS = reconstructor.sample_reconstruction_mask(
           rngs.get("mask"), tokens_BxL, t + 1, cfg.mask_ratio(t),
           cfg.reconstructor_config.special_ids)

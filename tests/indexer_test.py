@@ -89,6 +89,25 @@ def test_ablation_weights_switch_terms_off():
   assert float(loss) == pytest.approx(float(metrics["reconstruction_loss"]))
 
 
+@pytest.mark.parametrize("position", [0, 1])
+def test_contrastive_weight_per_position(position):
+  """(position 1, later) weights: in-batch contrastive off at t = 0, same-prefix on after."""
+  module = _module(contrastive_weight=(0.0, 0.5), commitment_weight=0.0)
+  model = indexer.IndexerModel(module, indexer.Stage(position, True))
+  batch = _batch(position)
+  params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x,
+                        model.init_params(jax.random.PRNGKey(0), batch),
+                        is_leaf=lambda x: hasattr(x, "unbox"))
+  loss, metrics = jax.jit(model.loss_fn)(params, batch, jax.random.PRNGKey(1))
+  assert "contrastive_loss" not in metrics
+  assert ("prefix_contrastive_loss" in metrics) == (position == 1)
+  contrastive = float(metrics.get("prefix_contrastive_loss", 0.0))
+  assert float(loss) == pytest.approx(float(metrics["reconstruction_loss"]) + 0.5 * contrastive,
+                                      rel=1e-5)
+  assert module.config.contrastive_weight_at(0) == 0.0
+  assert module.config.contrastive_weight_at(3) == 0.5
+
+
 def test_trained_t5_is_the_indexer():
   """After copying E_t into the ID-token embeddings, the LM's greedy choice among position t's
   tokens is the quantizer's code."""
