@@ -248,6 +248,18 @@ def final_params(stage_dir: str) -> Any:
   return jax.tree.map(np.asarray, state["params"])
 
 
+def codebook_from_centers(unit_centers_KxD: np.ndarray, h_NxD: np.ndarray) -> np.ndarray:
+  """E_t from spherical k-means centres: every codeword at the mean norm of h_t.
+
+  The quantizer (and the LM, once E_t is copied into it) picks argmax h.E_k. With codewords of
+  equal norm that is the centre of largest cosine, i.e. the k-means assignment itself; centres
+  of unequal norm (Euclidean k-means) would hand the largest-norm centre most documents from
+  the first step, up to all of them.
+  """
+  scale = float(np.mean(np.linalg.norm(h_NxD, axis=-1)))
+  return (unit_centers_KxD * scale).astype(np.float32)
+
+
 def copy_codebook_into_vocabulary(
     params: Any, codebook_KxD: np.ndarray, layout: vocabularies.IdLayout, position: int
 ) -> Any:
@@ -366,9 +378,10 @@ def index(
                             schedule.eval_batch_size)
       result = kmeans.kmeans(h_NxD, k, rng=jax.random.PRNGKey(seed + t),
                              num_iters=schedule.kmeans_iters,
-                             num_restarts=schedule.kmeans_restarts, partitioner=partitioner)
+                             num_restarts=schedule.kmeans_restarts, partitioner=partitioner,
+                             distance="cosine")
       _save_array(os.path.join(stage_dir(f"kmeans_{t}"), "centers.npy"),
-                  np.asarray(result.centers_KxD))
+                  codebook_from_centers(np.asarray(result.centers_KxD), h_NxD))
       info = {"inertia": float(result.inertia)}
       if t == 0:
         # The two-stage baseline: k-means (same K) on the same model's warm-up representations.

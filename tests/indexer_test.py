@@ -13,7 +13,9 @@ import pytest
 
 from lmindexer_jax import index_pipeline
 from lmindexer_jax import indexer
+from lmindexer_jax import kmeans
 from lmindexer_jax import partitioning
+from lmindexer_jax import quantizer
 from lmindexer_jax import t5
 from lmindexer_jax import vocabularies
 from tasks import semantic_ids
@@ -177,6 +179,8 @@ _INDEX_GIN = [
     "--gin.index_pipeline.Schedule.eval_batch_size=32",
     "--gin.index_pipeline.Schedule.checkpoint_period=2",
     "--gin.index_pipeline.Schedule.log_period=1",
+    # synthetic.gin's 1e-2 is for 800-step stages; six steps of it collapse this tiny run's codes.
+    "--gin.index_pipeline.Schedule.learning_rate=2e-3",
 ]
 
 
@@ -255,3 +259,16 @@ def test_eight_device_mesh_gives_the_same_ids(tmp_path):
   assert (tmp_path / "one" / "semantic_ids.tsv").read_text() == (
       tmp_path / "mesh" / "semantic_ids.tsv").read_text()
   assert single["positions"] == mesh["positions"]
+
+
+def test_codebook_from_centers_keeps_the_kmeans_assignment():
+  """Equal-norm codewords: the quantizer's argmax h.E is the spherical k-means assignment."""
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(4, 8)) * np.array([[0.2], [1.0], [5.0], [25.0]])
+  h_NxD = (centres[rng.integers(0, 4, 400)] + 0.3 * rng.normal(size=(400, 8))).astype(np.float32)
+  result = kmeans.kmeans(h_NxD, 4, rng=jax.random.PRNGKey(0), distance="cosine")
+  codebook_KxD = index_pipeline.codebook_from_centers(np.asarray(result.centers_KxD), h_NxD)
+  codes_N = np.asarray(quantizer.straight_through_quantize(h_NxD, codebook_KxD).codes_B)
+  np.testing.assert_array_equal(codes_N, np.asarray(result.assignments_N))
+  np.testing.assert_allclose(np.linalg.norm(codebook_KxD, axis=1),
+                             np.linalg.norm(h_NxD, axis=1).mean(), rtol=1e-5)
