@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import indexer_test  # The tiny corpus, T5 and schedule of the pipeline tests (tests/ is on path).
-from indexer_test import straight_index  # noqa: F401  (a session fixture: one run for both files)
 import numpy as np
 import pytest
 import seqio
@@ -30,9 +29,9 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def run(request) -> Run:
+def run(straight_index) -> Run:
   """The pipeline tests' tiny run (`gin/runs/index.gin`, codebooks (2, 2)), shared with them."""
-  model_dir = request.getfixturevalue("straight_index")
+  model_dir = straight_index
   with settings.configured(indexer_test._TINY):
     vocabulary = seqio.get_mixture_or_task(TASK).output_features["inputs"].vocabulary
     corpus = index_pipeline.load_corpus(TASK, MAX_LENGTH)

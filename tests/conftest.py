@@ -12,7 +12,16 @@ os.environ.setdefault(
 )
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 import lmindexer_jax  # noqa: E402, F401  (sets XLA flags before the backend starts)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def straight_index(tmp_path_factory):
+  """One tiny indexer run (gin/runs/index.gin, codebooks (2, 2)) for pipeline and assign tests."""
+  import indexer_test  # tests/ is on the path; imported here, when the fixture is first used.
+
+  return indexer_test.run_straight_index(tmp_path_factory.mktemp("index"))

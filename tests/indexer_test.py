@@ -193,9 +193,8 @@ def _env():
   return dict(os.environ, XLA_FLAGS="")
 
 
-@pytest.fixture(scope="session")
-def straight_index(tmp_path_factory):
-  model_dir = tmp_path_factory.mktemp("index")
+def run_straight_index(model_dir):
+  """The tiny pipeline run, once per session (`straight_index` in conftest.py)."""
   result = subprocess.run(_index_command(model_dir), cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
