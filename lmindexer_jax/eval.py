@@ -39,6 +39,7 @@ from lmindexer_jax import evaluation
 from lmindexer_jax import finetune
 from lmindexer_jax import metrics
 from lmindexer_jax import t5
+from tasks import corpus
 from tasks import registration
 from tasks import semantic_ids
 from tasks import settings
@@ -88,15 +89,10 @@ def _earlier_items(dataset: str, split: str) -> dict[str, list[tuple[str, ...]]]
   out = {}
   for u, items in enumerate(source.sequences):
     user = source.user_ids[u] if source.user_ids is not None else str(u)
-    n = len(items)
-    if n < 3:
+    if len(items) < 3:
       continue
-    if split == "test":
-      targets = [n - 1]
-    elif split == "validation":
-      targets = [n - 2]
-    else:
-      targets = []  # train: the example's own history is used
+    # train: the example's own history is used.
+    targets = corpus.target_positions(len(items), split) if split != "train" else ()
     out[user] = [tuple(items[:j]) for j in targets]
   return out
 

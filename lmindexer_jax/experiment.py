@@ -142,13 +142,6 @@ def _say(message: str) -> None:
   print(f"[experiment] {message}", flush=True)
 
 
-def _atomic_json(path: str, value: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
-
-
 def run(
     *,
     model_dir: str,
@@ -252,7 +245,7 @@ def run(
       entry["excluding_history"] = result["metrics_excluding_history"]
     results["tasks"].setdefault(task, {})[scheme] = entry
   results["seconds_this_call"] = round(time.time() - start, 1)
-  _atomic_json(os.path.join(model_dir, RESULTS_FILE), results)
+  finetune.atomic_write_json(os.path.join(model_dir, RESULTS_FILE), results)
   print(results_table(results), end="", flush=True)
   _say(f"wrote {os.path.join(model_dir, RESULTS_FILE)} ({results['seconds_this_call']:.0f} s)")
   return results

@@ -151,7 +151,8 @@ def _scratch_params(config: t5.T5Config, seed: int) -> dict:
   return jax.tree.map(np.asarray, init(params_rng))
 
 
-def _atomic_write_json(path: str, value: Mapping[str, Any]) -> None:
+def atomic_write_json(path: str, value: Mapping[str, Any]) -> None:
+  """Writes `value` as JSON to `path` through a temporary file (readers never see half)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + ".tmp", "w") as f:
     json.dump(value, f, indent=1)
@@ -230,7 +231,7 @@ def initial_params(
     source, shared = None, 0
     params = _scratch_params(t5_config, seed)
   if jax.process_index() == 0:
-    _atomic_write_json(os.path.join(model_dir, INIT_FILE), {
+    atomic_write_json(os.path.join(model_dir, INIT_FILE), {
         "init": init,
         "source": source,
         "task": task_name,

@@ -112,6 +112,15 @@ class RecExample(NamedTuple):
   target: str
 
 
+def target_positions(num_items: int, split: str, train_windows: int = 5) -> range:
+  """Indices of a user's items that `split` predicts (leave-last-out; see `rec_examples`)."""
+  if split == "test":
+    return range(num_items - 1, num_items)
+  if split == "validation":
+    return range(num_items - 2, num_items - 1)
+  return range(max(1, num_items - 2 - train_windows), num_items - 2)
+
+
 def rec_examples(
     sequences: Sequence[Sequence[str]],
     split: str,
@@ -134,17 +143,10 @@ def rec_examples(
   out, skipped = [], 0
   for u, items in enumerate(sequences):
     user = user_ids[u] if user_ids is not None else str(u)
-    n = len(items)
-    if n < 3:
+    if len(items) < 3:
       skipped += 1
       continue
-    if split == "test":
-      targets = [n - 1]
-    elif split == "validation":
-      targets = [n - 2]
-    else:
-      targets = range(max(1, n - 2 - train_windows), n - 2)
-    for j in targets:
+    for j in target_positions(len(items), split, train_windows):
       history = tuple(items[max(0, j - max_history) : j][::-1])
       out.append(RecExample(user, history, items[j]))
   if skipped:
