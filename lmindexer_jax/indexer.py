@@ -169,9 +169,13 @@ class IndexerModel(models.BaseModel):
   `negative_tokens` [B, G, L] and `negative_mask` [B, G].
   """
 
-  def __init__(self, module: SemanticIndexer, stage: Stage):
+  def __init__(self, module: SemanticIndexer, stage: Stage, eval_mask_seed: int | None = None):
+    """`eval_mask_seed`: without an rng (evaluation), sample the reconstruction mask at the
+    training ratio from this seed instead of showing every other token: a reconstructor
+    trained to read a tenth of the document is not measured on all of it."""
     self.module = module
     self.stage = stage
+    self.eval_mask_seed = eval_mask_seed
 
   def init_params(self, rng, batch):
     tokens = jnp.ones(batch["encoder_input_tokens"].shape, jnp.int32)
@@ -210,8 +214,11 @@ class IndexerModel(models.BaseModel):
         id_h_BxD = q.quantized_BxD
         metrics["codes_used_in_batch"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
+      mask_rng = rngs.get("mask")
+      if deterministic and self.eval_mask_seed is not None:
+        mask_rng = jax.random.PRNGKey(self.eval_mask_seed)
       mask_BxLxS = reconstructor.sample_reconstruction_mask(
-          rngs.get("mask"), tokens_BxL, t + 1, cfg.mask_ratio(t),
+          mask_rng, tokens_BxL, t + 1, cfg.mask_ratio(t),
           cfg.reconstructor_config.special_ids)
       logits_BxLxV = apply(
           SemanticIndexer.reconstruct, id_h_BxD, prefix_BxP, tokens_BxL, mask_BxLxS,
@@ -224,8 +231,11 @@ class IndexerModel(models.BaseModel):
     # Contrastive: a second dropout view is the positive (not in the frozen warm-up).
     contrastive_weight = cfg.contrastive_weight_at(t)
     if contrastive_weight and not stage.freeze_t5 and not deterministic:
-      h2_BxD, _ = apply(SemanticIndexer.represent, tokens_BxL, prefix_BxP,
-                        enable_dropout=True, rng_name="view2")
+      if self.module.t5_config.dropout_rate:
+        h2_BxD, _ = apply(SemanticIndexer.represent, tokens_BxL, prefix_BxP,
+                          enable_dropout=True, rng_name="view2")
+      else:
+        h2_BxD = h_BxD  # Without dropout the second view is the same vector: skip its pass.
       if t == 0:
         loss, m = losses.in_batch_contrastive_loss(
             h_BxD, h2_BxD, temperature=cfg.contrastive_temperature,

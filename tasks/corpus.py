@@ -16,7 +16,28 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from tasks import settings
+
 SPLITS = ("train", "validation", "test")
+
+
+@settings.config_class
+@dataclasses.dataclass(frozen=True)
+class RecConfig:
+  """How user sequences become rec examples (`rec_examples`), for every dataset's rec tasks.
+
+  Attributes:
+    train_windows: training targets per user before the validation item (the reference: 5;
+      a large value trains on every prefix, as RecBole's sequential models do).
+    max_history: most recent history items kept in an input.
+  """
+
+  train_windows: int = 5
+  max_history: int = 20
+
+  def __post_init__(self):
+    if self.train_windows < 1 or self.max_history < 1:
+      raise ValueError(f"train_windows and max_history must be positive: {self}")
 
 
 class Query(NamedTuple):
@@ -112,7 +133,8 @@ class RecExample(NamedTuple):
   target: str
 
 
-def target_positions(num_items: int, split: str, train_windows: int = 5) -> range:
+def target_positions(num_items: int, split: str,
+                     train_windows: int = RecConfig.train_windows) -> range:
   """Indices of a user's items that `split` predicts (leave-last-out; see `rec_examples`)."""
   if split == "test":
     return range(num_items - 1, num_items)
@@ -126,8 +148,8 @@ def rec_examples(
     split: str,
     *,
     user_ids: Sequence[str] | None = None,
-    train_windows: int = 5,
-    max_history: int = 20,
+    train_windows: int = RecConfig.train_windows,
+    max_history: int = RecConfig.max_history,
 ) -> list[RecExample]:
   """Leave-last-out examples of one split, deterministic.
 

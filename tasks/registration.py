@@ -166,21 +166,15 @@ class _Family:
         "doc_id": tf.constant(list(doc_ids), tf.string),
     })
 
-  def rec(
-      self,
-      split: str,
-      shuffle_files: bool,
-      seed: int | None = None,
-      train_windows: int = 5,
-      max_history: int = 20,
-  ):
+  def rec(self, split: str, shuffle_files: bool, seed: int | None = None):
     del shuffle_files, seed
+    config = settings.get(corpus.RecConfig)
     examples = corpus.rec_examples(
         self.require("sequences"),
         split,
         user_ids=self.source().user_ids,
-        train_windows=train_windows,
-        max_history=max_history,
+        train_windows=config.train_windows,
+        max_history=config.max_history,
     )
     return tf.data.Dataset.from_tensor_slices({
         "user_id": tf.constant([e.user_id for e in examples], tf.string),
@@ -200,8 +194,6 @@ def register_corpus_tasks(
     corpus_provider: Callable[[], corpus.CorpusSource],
     *,
     tasks: Sequence[str] = ALL_TASKS,
-    rec_train_windows: int = 5,
-    rec_max_history: int = 20,
     mixture_rates: tuple[float, float] = (1.0, 1.0),
 ) -> list[str]:
   """Registers `lmindexer.<dataset_name>.<task>` for each of `tasks` (and the mixture).
@@ -220,8 +212,6 @@ def register_corpus_tasks(
     dataset_name: the `<dataset>` part of the names.
     corpus_provider: see above.
     tasks: which of ALL_TASKS to register; `retrieval_indexing` comes with retrieval+indexing.
-    rec_train_windows: training targets per user before the validation item.
-    rec_max_history: most recent history items kept in rec inputs.
     mixture_rates: sampling rates of (retrieval, indexing) in `retrieval_indexing`.
 
   Returns:
@@ -273,9 +263,6 @@ def register_corpus_tasks(
     if task in tasks:
       steps = [add_ids, to_text("text", "targets", "query_id", "doc_id")]
       add(task, functools.partial(family.queries, field), corpus.SPLITS, steps, id_features)
-  rec_fn = functools.partial(
-      family.rec, train_windows=rec_train_windows, max_history=rec_max_history
-  )
   for task, with_titles in (("rec", False), ("rec_titles", True)):
     if task in tasks:
       history = functools.partial(
@@ -283,7 +270,8 @@ def register_corpus_tasks(
           table_fn=family.doc_table_with_titles if with_titles else family.doc_table,
           with_titles=with_titles,
       )
-      add(task, rec_fn, corpus.SPLITS, [add_ids, history], id_features)
+      # Windows and history length: `corpus.RecConfig`, read when the dataset is built.
+      add(task, family.rec, corpus.SPLITS, [add_ids, history], id_features)
   if "retrieval" in tasks and "indexing" in tasks:
     name = task_name(dataset_name, "retrieval_indexing")
     seqio.MixtureRegistry.add(

@@ -110,6 +110,25 @@ def test_contrastive_weight_per_position(position):
   assert module.config.contrastive_weight_at(3) == 0.5
 
 
+def test_evaluation_mask_seed_fixes_a_training_ratio_mask():
+  """Evaluation (no rng) shows every other token unless `eval_mask_seed` samples the training
+  mask: then two calls agree with each other and not with the all-visible mask."""
+  batch = _batch(0)
+  stage = indexer.Stage(0, use_codebook=True)
+  module = _module(mask_ratios=(0.9, 0.9))
+  params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x,
+                        indexer.IndexerModel(module, stage).init_params(jax.random.PRNGKey(0),
+                                                                        batch),
+                        is_leaf=lambda x: hasattr(x, "unbox"))
+
+  def loss(seed):
+    return float(indexer.IndexerModel(module, stage, eval_mask_seed=seed).loss_fn(
+        params, batch, None)[0])
+
+  assert loss(0) == loss(0)
+  assert loss(0) != pytest.approx(loss(None), rel=1e-4)
+
+
 def test_trained_t5_is_the_indexer():
   """After copying E_t into the ID-token embeddings, the LM's greedy choice among position t's
   tokens is the quantizer's code."""
@@ -212,6 +231,7 @@ def test_pipeline_writes_unique_ids_and_stats(straight_index):
       assert key in position
     assert 0 <= position["recon_accuracy"] <= 1
     assert set(position["ami"]) == {"level_1", "level_2", "level_3"}
+    assert set(position["kmeans_ami"]) == {"level_1", "level_2", "level_3"}
   assert set(stats["kmeans_baseline_ami"]) == {"level_1", "level_2", "level_3"}
   assert stats["disambiguation_size"] == stats["positions"][-1]["max_group_size"]
 

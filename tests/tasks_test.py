@@ -153,6 +153,19 @@ def test_rec_is_leave_last_out(id_file):
   )
 
 
+def test_rec_config_sets_windows_and_history():
+  """`corpus.RecConfig` (gin: tasks.corpus.RecConfig.*) reaches the rec tasks' datasets."""
+  c = synthetic.build(TINY)
+  with settings.configured(corpus.RecConfig(train_windows=1000, max_history=3)):
+    train = _examples(_name("rec"), "train")
+    test = _examples(_name("rec"), "test")
+  # Every prefix before the validation item: n - 3 targets per user (the first has no history).
+  assert len(train) == sum(len(h) - 3 for h in c.histories)
+  assert max(len(e["history"]) for e in test) == 3
+  with pytest.raises(ValueError, match="positive"):
+    corpus.RecConfig(train_windows=0)
+
+
 def test_rec_examples_windows():
   items = list("abcdefgh")
   train = corpus.rec_examples([items], "train", train_windows=3, max_history=2)
