@@ -3,6 +3,7 @@ r"""K-means over TF-IDF + LSA vectors: the classic baseline for category recover
   .venv/bin/python benchmarks/kmeans_tfidf_baseline.py --dataset=brown
   .venv/bin/python benchmarks/kmeans_tfidf_baseline.py --dataset=womens_clothing_reviews \
     --k=20,32,64 --seeds=0,1,2
+  .venv/bin/python benchmarks/kmeans_tfidf_baseline.py --dataset=brown --k=16 --max_tokens=128
 
 Reads the documents the indexer sees: the raw texts of the dataset's index task (`INDEX_TASK` of
 `gin/data/<dataset>.gin`), through the task's source, before tokenization. Vectors: TF-IDF
@@ -42,6 +43,9 @@ _MAX_DF = flags.DEFINE_float("max_df", 0.5, "TF-IDF: ignore terms in a larger sh
 # most frequent words anyway.
 _STOP_WORDS = flags.DEFINE_bool("stop_words", False, "TF-IDF: drop scikit-learn's English list.")
 _SUBLINEAR_TF = flags.DEFINE_bool("sublinear_tf", True, "TF-IDF: 1 + log(tf).")
+_MAX_TOKENS = flags.DEFINE_integer(
+    "max_tokens", 0, "Keep what the indexer reads at this MAX_LENGTH: each text's first "
+    "max_tokens - 1 pieces of the task's vocabulary (plus EOS), decoded. 0: the whole text.")
 
 
 def load_documents(task_name: str) -> tuple[list[str], np.ndarray]:
@@ -55,6 +59,9 @@ def load_documents(task_name: str) -> tuple[list[str], np.ndarray]:
   rows = sorted(ds.as_numpy_iterator(), key=lambda ex: int(ex["doc_index"]))
   texts = [ex["text"].decode("utf-8") for ex in rows]
   labels = np.stack([np.asarray(ex["labels"], np.int64) for ex in rows])
+  if _MAX_TOKENS.value:
+    vocab = task.output_features["inputs"].vocabulary
+    texts = [vocab.decode(vocab.encode(t)[:_MAX_TOKENS.value - 1]) for t in texts]
   return texts, labels
 
 
@@ -99,6 +106,7 @@ def main(argv: list[str]) -> None:
   deepest_is_path = metrics.ami(deepest_N, path_N) > 1 - 1e-9 and bool(
       ((deepest_N >= 0) == (path_N >= 0)).all())
   common = {"dataset": _DATASET.value, "task": task_name, "num_docs": len(texts),
+            "max_tokens": _MAX_TOKENS.value,
             "labelled": int((path_N >= 0).sum()), "levels": int(labels_NxLv.shape[1]),
             "num_top": int(len(set(labels_NxLv[:, 0]) - {-1})),
             "num_paths": int(len(set(path_N) - {-1})), "deepest_level_is_path": deepest_is_path}

@@ -227,9 +227,9 @@ def test_pipeline_writes_unique_ids_and_stats(straight_index):
   assert stats["unique"] and len(stats["positions"]) == 2
   for position in stats["positions"]:
     for key in ("codes_used", "usage_perplexity", "max_group_size", "mean_group_size",
-                "collision_rate", "ami", "recon_accuracy"):
+                "collision_rate", "ami", "recon_accuracy", "recon_loss"):
       assert key in position
-    assert 0 <= position["recon_accuracy"] <= 1
+    assert 0 <= position["recon_accuracy"] <= 1 and position["recon_loss"] > 0
     assert set(position["ami"]) == {"level_1", "level_2", "level_3"}
     assert set(position["kmeans_ami"]) == {"level_1", "level_2", "level_3"}
   assert set(stats["kmeans_baseline_ami"]) == {"level_1", "level_2", "level_3"}
