@@ -335,7 +335,7 @@ def index(
       _mark_done(stage_dir(name), info)
     return info
 
-  def train_stage(name, spec, steps, init, learning_rate=schedule.learning_rate):
+  def train_stage(name, spec, steps, init, learning_rate=None):
     """Trains stage `name` to `steps` from params `init` (resuming, or skipped if finished).
 
     Returns its final parameters, or None if it was preempted.
@@ -355,7 +355,7 @@ def index(
       _say(f"stage {name}: {steps} steps")
       state = train.train(
           model=indexer.IndexerModel(module, spec), train_dataset_cfg=batches,
-          optimizer=optimizers.adamw(learning_rate, total_steps=steps,
+          optimizer=optimizers.adamw(learning_rate or schedule.learning_rate, total_steps=steps,
                                      warmup_steps=max(steps // 10, 1)),
           total_steps=steps, model_dir=stage_dir(name), partitioner=partitioner,
           checkpoint_cfg=checkpoints.CheckpointConfig(schedule.checkpoint_period, keep=1),
@@ -410,8 +410,7 @@ def index(
     with_centers = quantizer.load_centers(
         {"params": params}, centers_KxD, path=(f"quantizers_{t}",))["params"]
     params = train_stage(f"quantized_{t}", indexer.Stage(t, use_codebook=True),
-                         schedule.quantized_steps, with_centers,
-                         schedule.quantized_learning_rate or schedule.learning_rate)
+                         schedule.quantized_steps, with_centers, schedule.quantized_learning_rate)
     if params is None:
       return None
 

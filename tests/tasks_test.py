@@ -164,6 +164,16 @@ def test_rec_config_sets_windows_and_history():
   assert max(len(e["history"]) for e in test) == 3
   with pytest.raises(ValueError, match="positive"):
     corpus.RecConfig(train_windows=0)
+  # ml100k.gin binds it, so a binding on the command line reaches the tasks.
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings([str(GIN_DIR / "data" / "ml100k.gin")],
+                                        ["tasks.corpus.RecConfig.train_windows = 7"])
+    with settings.configured():
+      gin_utils.configure_task_settings()
+      assert settings.get(corpus.RecConfig) == corpus.RecConfig(train_windows=7)
+  finally:
+    gin.clear_config()
 
 
 def test_rec_examples_windows():
