@@ -39,7 +39,6 @@ from lmindexer_jax import index_pipeline
 from lmindexer_jax import indexer
 from lmindexer_jax import indexer_manifest
 from lmindexer_jax import partitioning
-from lmindexer_jax import quantizer
 from tasks import semantic_ids
 
 
@@ -152,12 +151,9 @@ def assign_codes(
     if not os.path.isdir(os.path.join(stage_dir, "checkpoints")):
       raise FileNotFoundError(f"{stage_dir}: no checkpoints of stage {stage} (position {t})")
     params = index_pipeline.final_params(stage_dir)
-    h_NxD = index_pipeline.encode_corpus(module, params, tokens_NxL, codes_NxC, partitioner,
-                                         manifest.eval_batch_size)
-    out = quantizer.straight_through_quantize(
-        h_NxD, np.asarray(params[f"quantizers_{t}"]["codebook"]),
-        normalize=manifest.config.quantizer_normalize)
-    codes_NxC = np.concatenate([codes_NxC, np.asarray(out.codes_B)[:, None]], 1).astype(np.int32)
+    codes_N = index_pipeline.assign_position(module, params, t, tokens_NxL, codes_NxC,
+                                             partitioner, manifest.eval_batch_size)
+    codes_NxC = np.concatenate([codes_NxC, codes_N[:, None]], 1).astype(np.int32)
   return codes_NxC
 
 

@@ -52,8 +52,8 @@ class Schedule:
 
   Attributes:
     batch_size: global training batch (documents).
-    warmup_steps, nocode_steps, quantized_steps: steps of each training stage (per position
-      for the last two).
+    warmup_steps, nocode_steps, quantized_steps: steps of each training stage; the last two per
+      position, one number or a pair (position 1, later positions).
     learning_rate: peak AdamW learning rate of every stage (linear warmup over 10%, then decay).
     quantized_learning_rate: the quantized stages' own peak rate (None: `learning_rate`). They
       start from the k-means codes, and a rate that suits training from scratch moves h_t
@@ -62,12 +62,19 @@ class Schedule:
     kmeans_restarts, kmeans_iters: k-means runs and Lloyd iterations.
     eval_batch_size: batch for encoding the corpus.
     checkpoint_period, log_period: as in `train.train`.
+    progressive: train the positions one after another (the method). False is the "all
+      positions at once" ablation: the codebooks start from k-means on the warm-up
+      representations position by position (no per-position training), then one `joint` stage
+      trains every position together (`indexer.IndexerModel.joint_loss`) and the IDs are the
+      final model's greedy codes.
+    joint_steps: steps of the joint stage (None: the progressive budget, positions x (nocode +
+      quantized) steps).
   """
 
   batch_size: int = 64
   warmup_steps: int = 200
-  nocode_steps: int = 300
-  quantized_steps: int = 300
+  nocode_steps: int | tuple[int, int] = 300
+  quantized_steps: int | tuple[int, int] = 300
   learning_rate: float = 1e-3
   quantized_learning_rate: float | None = None
   kmeans_restarts: int = 3
@@ -75,6 +82,15 @@ class Schedule:
   eval_batch_size: int = 256
   checkpoint_period: int = 200
   log_period: int = 50
+  progressive: bool = True
+  joint_steps: int | None = None
+
+  def steps(self, stage: str, position: int) -> int:
+    """Steps of stage 'nocode' or 'quantized' at `position` (0-based)."""
+    steps = {"nocode": self.nocode_steps, "quantized": self.quantized_steps}[stage]
+    if isinstance(steps, int):
+      return steps
+    return int(steps[0] if position == 0 else steps[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +215,7 @@ def encode_corpus(
 
   with partitioner.activate():
     represent = jax.jit(
-        lambda p, x, c: module.apply({"params": p}, x, c, enable_dropout=False,
+        lambda p, x, c: module.apply(indexer.variables(p), x, c, enable_dropout=False,
                                      method=indexer.SemanticIndexer.represent)[0],
         in_shardings=(partitioner.replicated, partitioner.batch_sharding(),
                       partitioner.batch_sharding()),
@@ -210,6 +226,33 @@ def encode_corpus(
         for i in range(0, n_pad, batch_size)
     ]
   return np.concatenate(out)[:n]
+
+
+def assign_position(
+    module: indexer.SemanticIndexer, params: Any, position: int, tokens_NxL: np.ndarray,
+    prefix_codes_NxP: np.ndarray, partitioner: partitioning.Partitioner, batch_size: int,
+) -> np.ndarray:
+  """c_t of every document (int32 [N]): argmax of h_t, the decoder fed `prefix_codes_NxP`."""
+  h_NxD = encode_corpus(module, params, tokens_NxL, prefix_codes_NxP, partitioner, batch_size)
+  codebook_KxD = np.asarray(params[f"quantizers_{position}"]["codebook"])
+  if module.config.quantizer_kind == quantizer.EMA_VQ:
+    out = quantizer.nearest_codeword_quantize(h_NxD, codebook_KxD)
+  else:
+    out = quantizer.straight_through_quantize(h_NxD, codebook_KxD,
+                                              normalize=module.config.quantizer_normalize)
+  return np.asarray(out.codes_B, np.int32)
+
+
+def tie_codebooks(params: Any, layout: vocabularies.IdLayout) -> Any:
+  """After joint training: each E_t := its ID tokens' embeddings (`SemanticIndexer.tied_codebook`),
+  copied back into the LM (the untied head's output columns too)."""
+  embedding = np.asarray(params["t5"]["token_embedder"]["embedding"])
+  for t in range(layout.num_positions):
+    start, end = layout.position_range(t)
+    codebook_KxD = embedding[start:end].astype(np.float32)
+    params = {**params, f"quantizers_{t}": {**params[f"quantizers_{t}"], "codebook": codebook_KxD}}
+    params = copy_codebook_into_vocabulary(params, codebook_KxD, layout, t)
+  return params
 
 
 def _stage_done(stage_dir: str) -> dict | None:
@@ -311,6 +354,10 @@ def index(
   train.prepare_model_dir(model_dir)
   config = config or indexer.IndexerConfig()
   schedule = schedule or Schedule()
+  if not schedule.progressive and config.quantizer_kind != quantizer.STRAIGHT_THROUGH:
+    raise ValueError("Schedule.progressive=False (all positions at once) ties the codebooks to "
+                     "the ID tokens' embeddings; it needs the straight-through quantizer, not "
+                     f"{config.quantizer_kind!r}")
   partitioner = partitioner or partitioning.Partitioner()
   corpus = load_corpus(index_task, max_length)
   n = len(corpus.doc_ids)
@@ -374,7 +421,7 @@ def index(
   for t in range(num_positions):
     k = config.codebook_sizes[t]
     params = train_stage(f"nocode_{t}", indexer.Stage(t, use_codebook=False),
-                         schedule.nocode_steps, params)
+                         schedule.steps("nocode", t) if schedule.progressive else 0, params)
     if params is None:
       return None
 
@@ -407,22 +454,22 @@ def index(
     if t == 0:
       stats["kmeans_baseline_ami"] = kmeans_info["kmeans_baseline_ami"]
     centers_KxD = np.load(os.path.join(stage_dir(f"kmeans_{t}"), "centers.npy"))
-    with_centers = quantizer.load_centers(
-        {"params": params}, centers_KxD, path=(f"quantizers_{t}",))["params"]
+    with_centers = indexer.params_of(quantizer.load_centers(
+        indexer.variables(params), centers_KxD, path=(f"quantizers_{t}",)))
     params = train_stage(f"quantized_{t}", indexer.Stage(t, use_codebook=True),
-                         schedule.quantized_steps, with_centers, schedule.quantized_learning_rate)
+                         schedule.steps("quantized", t) if schedule.progressive else 0,
+                         with_centers,
+                         schedule.quantized_learning_rate)
     if params is None:
       return None
 
     def assign_stage(t=t, params=params, codes_NxC=codes_NxC):
-      h_NxD = encode_corpus(module, params, corpus.tokens_NxL, codes_NxC, partitioner,
-                            schedule.eval_batch_size)
-      codebook_KxD = np.asarray(params[f"quantizers_{t}"]["codebook"])
-      out = quantizer.straight_through_quantize(
-          h_NxD, codebook_KxD, normalize=config.quantizer_normalize)
-      _save_array(os.path.join(stage_dir(f"assign_{t}"), "codes.npy"), np.asarray(out.codes_B))
+      codes_N = assign_position(module, params, t, corpus.tokens_NxL, codes_NxC, partitioner,
+                                schedule.eval_batch_size)
+      _save_array(os.path.join(stage_dir(f"assign_{t}"), "codes.npy"), codes_N)
       return reconstruction_metrics(
-          module, params, t, corpus.tokens_NxL, codes_NxC, schedule.eval_batch_size)
+          module, params, indexer.Stage(t, use_codebook=True), corpus.tokens_NxL, codes_NxC,
+          schedule.eval_batch_size)
 
     os.makedirs(stage_dir(f"assign_{t}"), exist_ok=True)
     assign_info = stage(f"assign_{t}", assign_stage)
@@ -436,6 +483,45 @@ def index(
     _say(f"position {t + 1}: " + ", ".join(
         f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
         for key, value in stats["positions"][-1].items() if not isinstance(value, dict)))
+
+  position_stages = [f"quantized_{t}" for t in range(num_positions)]
+  if not schedule.progressive:
+    # The ablation: every position trained at once, from the k-means codebooks just built.
+    joint_steps = schedule.joint_steps
+    if joint_steps is None:
+      joint_steps = sum(schedule.steps("nocode", t) + schedule.steps("quantized", t)
+                        for t in range(num_positions))
+    params = train_stage("joint", indexer.Stage(num_positions - 1, use_codebook=True, joint=True),
+                         joint_steps, params)
+    if params is None:
+      return None
+    params = tie_codebooks(params, layout)
+    position_stages = ["joint_final"] * num_positions
+
+    def joint_assign_stage(params=params):
+      _save_params(stage_dir("joint_final"), params)
+      codes = np.zeros((n, 0), np.int32)
+      for t in range(num_positions):
+        codes_N = assign_position(module, params, t, corpus.tokens_NxL, codes, partitioner,
+                                  schedule.eval_batch_size)
+        codes = np.concatenate([codes, codes_N[:, None]], axis=1)
+      _save_array(os.path.join(stage_dir("joint_final"), "codes.npy"), codes)
+      return reconstruction_metrics(
+          module, params, indexer.Stage(num_positions - 1, use_codebook=True, joint=True),
+          corpus.tokens_NxL, codes, schedule.eval_batch_size)
+
+    os.makedirs(stage_dir("joint_final"), exist_ok=True)
+    joint_info = stage("joint_final", joint_assign_stage)
+    codes_NxC = np.load(os.path.join(stage_dir("joint_final"), "codes.npy")).astype(np.int32)
+    # Per position: the final codes' stats; `kmeans_ami` stays that of the codes it started from.
+    stats["positions"] = [
+        {**_position_stats(codes_NxC[:, :t + 1], corpus.labels_NxLv, k),
+         "kmeans_ami": start["kmeans_ami"], **joint_info}
+        for t, (k, start) in enumerate(zip(config.codebook_sizes, stats["positions"],
+                                           strict=True))]
+    stats["progressive"] = False
+    _say("joint: " + ", ".join(f"position {t + 1} ami {p['ami']}"
+                               for t, p in enumerate(stats["positions"])))
 
   # Unique IDs: documents sharing a full ID get a disambiguation code, sized by the largest group.
   final_NxC1, disambiguation_size = semantic_ids.append_disambiguation(codes_NxC)
@@ -452,7 +538,7 @@ def index(
         model_dir, index_task=index_task, t5_config=t5_config, config=config,
         max_length=max_length,
         base_vocabulary=seqio.get_mixture_or_task(index_task).output_features["inputs"].vocabulary,
-        eval_batch_size=schedule.eval_batch_size)
+        eval_batch_size=schedule.eval_batch_size, position_stages=position_stages)
   semantic_ids.write(os.path.join(model_dir, semantic_ids.FILE_NAME), list(corpus.doc_ids),
                      final_NxC1, codebook_sizes=config.codebook_sizes,
                      disambiguation_size=disambiguation_size)
@@ -463,7 +549,7 @@ def index(
 
 
 def reconstruction_metrics(
-    module: indexer.SemanticIndexer, params: Any, position: int, tokens_NxL: np.ndarray,
+    module: indexer.SemanticIndexer, params: Any, stage: indexer.Stage, tokens_NxL: np.ndarray,
     prefix_codes_NxP: np.ndarray, batch_size: int, max_docs: int = 1024,
 ) -> dict[str, float]:
   """Token cross-entropy and accuracy of rebuilding documents from their quantized ID.
@@ -473,8 +559,7 @@ def reconstruction_metrics(
   the argmax's: where no token is likely (made-up topic words split into pieces), the argmax is
   the most frequent piece and the accuracy that piece's share; the loss still moves.
   """
-  model = indexer.IndexerModel(module, indexer.Stage(position, use_codebook=True),
-                               eval_mask_seed=0)
+  model = indexer.IndexerModel(module, stage, eval_mask_seed=0)
   loss_fn = jax.jit(lambda p, b: model.loss_fn(p, b, None)[1])
   sums = {"recon_loss": 0.0, "recon_accuracy": 0.0}
   total = 0.0

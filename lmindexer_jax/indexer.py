@@ -52,6 +52,10 @@ class IndexerConfig:
     quantizer_temperature: softmax temperature of the straight-through quantizer.
     gumbel_scale: Gumbel noise on the quantizer logits while training (0: none, the reference).
     quantizer_normalize: cosine instead of dot-product code logits.
+    quantizer_kind: 'straight_through' (the method) or 'ema_vq': VQ-VAE's nearest codeword (L2)
+      with an EMA codebook and its own commitment term (`vq_commitment_weight`, EMA decay
+      `ema_decay`). Its codewords keep their k-means norms, so the LM's greedy choice among a
+      position's tokens (dot products) need not be the code; the IDs are the quantizer's.
     reconstructor_config: the reconstructor's own settings.
   """
 
@@ -66,6 +70,9 @@ class IndexerConfig:
   quantizer_temperature: float = 1.0
   gumbel_scale: float = 0.0
   quantizer_normalize: bool = False
+  quantizer_kind: str = quantizer.STRAIGHT_THROUGH
+  ema_decay: float = 0.99
+  vq_commitment_weight: float = 0.25
   reconstructor_config: reconstructor.ReconstructorConfig = reconstructor.ReconstructorConfig()
 
   def mask_ratio(self, position: int) -> float:
@@ -97,8 +104,9 @@ class SemanticIndexer(nn.Module):
     self.quantizers = [
         quantizer.Quantizer(quantizer.QuantizerConfig(
             codebook_size=k, emb_dim=self.t5_config.emb_dim,
-            temperature=cfg.quantizer_temperature, gumbel_scale=cfg.gumbel_scale,
-            normalize=cfg.quantizer_normalize))
+            kind=cfg.quantizer_kind, temperature=cfg.quantizer_temperature,
+            gumbel_scale=cfg.gumbel_scale, normalize=cfg.quantizer_normalize,
+            ema_decay=cfg.ema_decay, commitment_weight=cfg.vq_commitment_weight))
         for k in cfg.codebook_sizes
     ]
 
@@ -130,8 +138,9 @@ class SemanticIndexer(nn.Module):
         return_hidden=True)
     return hidden_BxTxD[:, -1].astype(jnp.float32), logits_BxTxV[:, :-1]
 
-  def quantize(self, position: int, h_BxD: jax.Array, gumbel_rng: jax.Array | None = None):
-    return self.quantizers[position](h_BxD, gumbel_rng=gumbel_rng)
+  def quantize(self, position: int, h_BxD: jax.Array, gumbel_rng: jax.Array | None = None,
+               update_ema: bool = False):
+    return self.quantizers[position](h_BxD, gumbel_rng=gumbel_rng, update_ema=update_ema)
 
   def reconstruct(
       self, h_BxD: jax.Array, prefix_codes_BxP: jax.Array, tokens_BxL: jax.Array,
@@ -141,10 +150,78 @@ class SemanticIndexer(nn.Module):
     """Logits of every document token rebuilt from [prefix code embeddings; h] (B x L x V)."""
     prefix_BxPxD = self.t5.embed(self.id_tokens(prefix_codes_BxP))
     id_embs_BxCxD = jnp.concatenate([prefix_BxPxD, h_BxD[:, None].astype(prefix_BxPxD.dtype)], 1)
+    return self.reconstruct_from_slots(id_embs_BxCxD, tokens_BxL, mask_BxLxS,
+                                       enable_dropout=enable_dropout,
+                                       continuous_h_BxD=continuous_h_BxD)
+
+  def reconstruct_from_slots(
+      self, id_embs_BxCxD: jax.Array, tokens_BxL: jax.Array, mask_BxLxS: jax.Array | None, *,
+      enable_dropout: bool, continuous_h_BxD: jax.Array | None = None,
+  ) -> jax.Array:
+    """Logits of every document token rebuilt from the given ID slot vectors (B x L x V)."""
     hidden_BxLxD = self.reconstructor(
         id_embs_BxCxD, tokens_BxL, self.t5.embed(tokens_BxL), mask_BxLxS,
         enable_dropout=enable_dropout, continuous_h_BxD=continuous_h_BxD)
     return self.t5.logits_from_hidden(hidden_BxLxD)
+
+  def tied_codebook(self, position: int) -> jax.Array:
+    """E_t read from the embeddings of position t's ID tokens (K x D), for joint training.
+
+    Training all positions at once, the decoder reads the codes it assigns itself, so its input
+    embedding of code c must be the codeword E_t[c] at every step, not only after a copy.
+    """
+    start, end = self.layout.position_range(position)
+    return self.t5.token_embedder.embedding[start:end].astype(jnp.float32)
+
+  def represent_all(self, tokens_BxL: jax.Array, *, enable_dropout: bool
+                    ) -> tuple[jax.Array, jax.Array]:
+    """h_1..h_C with the decoder fed its own greedy codes (the "all positions at once" mode).
+
+    c_t = argmax h_t . E_t with the tied codebooks (`tied_codebook`); the codes are chosen
+    without dropout and without gradient, then one decoder pass over [start, c_1..c_(C-1)]
+    gives every h_t (the decoder is causal, so h_t sees only c_1..c_(t-1)).
+
+    Returns:
+      (h_BxCxD float32, codes_BxC int32 greedy codes).
+    """
+    num_positions = len(self.config.codebook_sizes)
+    encoded_BxLxD = self.t5.encode(tokens_BxL, enable_dropout=enable_dropout)
+    codes_BxP = jnp.zeros((tokens_BxL.shape[0], 0), jnp.int32)
+    start_Bx1 = jnp.zeros((tokens_BxL.shape[0], 1), jnp.int32)
+    hidden_BxTxD = None
+    for t in range(num_positions):
+      decoder_BxT = jnp.concatenate([start_Bx1, self.id_tokens(codes_BxP)], axis=1)
+      encoded = encoded_BxLxD if t == num_positions - 1 else jax.lax.stop_gradient(encoded_BxLxD)
+      _, hidden_BxTxD = self.t5.decode(
+          encoded, tokens_BxL, decoder_BxT, enable_dropout=enable_dropout and
+          t == num_positions - 1, return_hidden=True)
+      code_B = quantizer.straight_through_quantize(
+          jax.lax.stop_gradient(hidden_BxTxD[:, -1]), jax.lax.stop_gradient(self.tied_codebook(t)),
+          normalize=self.config.quantizer_normalize).codes_B
+      codes_BxP = jnp.concatenate([codes_BxP, code_B[:, None]], axis=1)
+    return hidden_BxTxD.astype(jnp.float32), codes_BxP
+
+
+def variables(params: dict) -> dict:
+  """The Flax variables of `SemanticIndexer` parameters.
+
+  An EMA quantizer's statistics live in the `codebook_ema` collection, but the trainer and the
+  pipeline keep them in `params` under their quantizer (`quantizers_<t>/{codebook,
+  cluster_size, embed_sum}`): one tree to checkpoint, and `quantizers_<t>/codebook` is E_t for
+  either kind. They get no gradient; the loss returns their EMA update under
+  `models.STATE_UPDATES`.
+  """
+  ema = {name: value for name, value in params.items()
+         if name.startswith("quantizers_") and "cluster_size" in value}
+  if not ema:
+    return {"params": params}
+  rest = {name: value for name, value in params.items() if name not in ema}
+  return {"params": rest, quantizer.EMA_COLLECTION: ema}
+
+
+def params_of(variables: dict) -> dict:
+  """The inverse of `variables`: EMA codebook statistics folded into `params`."""
+  return {**variables["params"], **variables.get(quantizer.EMA_COLLECTION, {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,11 +232,14 @@ class Stage:
     position: t, 0-based.
     use_codebook: quantize h_t (else the reconstructor reads the continuous h_t).
     freeze_t5: train the reconstructor only (the warm-up before position 1).
+    joint: train every position at once (`Schedule.progressive=False`): the decoder reads its
+      own greedy codes, the reconstructor the quantized h_1..h_C (`IndexerModel.joint_loss`).
   """
 
   position: int
   use_codebook: bool
   freeze_t5: bool = False
+  joint: bool = False
 
 
 class IndexerModel(models.BaseModel):
@@ -180,9 +260,11 @@ class IndexerModel(models.BaseModel):
   def init_params(self, rng, batch):
     tokens = jnp.ones(batch["encoder_input_tokens"].shape, jnp.int32)
     prefix = jnp.zeros((tokens.shape[0], self.stage.position), jnp.int32)
-    return self.module.init({"params": rng}, tokens, prefix)["params"]
+    return params_of(self.module.init({"params": rng}, tokens, prefix))
 
   def loss_fn(self, params, batch, rng):
+    if self.stage.joint:
+      return self.joint_loss(params, batch, rng)
     cfg, stage = self.module.config, self.stage
     t = stage.position
     if stage.freeze_t5:
@@ -197,7 +279,7 @@ class IndexerModel(models.BaseModel):
 
     def apply(method, *args, rng_name=None, **kwargs):
       dropout = {"dropout": rngs[rng_name]} if rng_name and not deterministic else None
-      return self.module.apply({"params": params}, *args, rngs=dropout, method=method, **kwargs)
+      return self.module.apply(variables(params), *args, rngs=dropout, method=method, **kwargs)
 
     h_BxD, commit_logits_BxPxV = apply(
         SemanticIndexer.represent, tokens_BxL, prefix_BxP, enable_dropout=not deterministic,
@@ -209,8 +291,17 @@ class IndexerModel(models.BaseModel):
     if cfg.reconstruction_weight:
       id_h_BxD = h_BxD
       if stage.use_codebook:
-        gumbel = rngs.get("gumbel") if cfg.gumbel_scale else None
-        q = apply(SemanticIndexer.quantize, t, h_BxD, gumbel)
+        if cfg.quantizer_kind == quantizer.EMA_VQ:
+          update = not deterministic and not stage.freeze_t5
+          q, new_vars = apply(SemanticIndexer.quantize, t, h_BxD, update_ema=update,
+                              mutable=[quantizer.EMA_COLLECTION])
+          total += q.vq_commitment_loss
+          metrics["vq_commitment_loss"] = q.vq_commitment_loss
+          if update:
+            metrics[models.STATE_UPDATES] = new_vars[quantizer.EMA_COLLECTION]
+        else:
+          gumbel = rngs.get("gumbel") if cfg.gumbel_scale else None
+          q = apply(SemanticIndexer.quantize, t, h_BxD, gumbel)
         id_h_BxD = q.quantized_BxD
         metrics["codes_used_in_batch"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
@@ -259,6 +350,84 @@ class IndexerModel(models.BaseModel):
       loss, m = losses.commitment_loss(commit_logits_BxPxV, prefix_BxP, self.module.layout)
       total += cfg.commitment_weight * loss
       metrics.update(m)
+
+    metrics["loss"] = total
+    return total, metrics
+
+  def joint_loss(self, params, batch, rng):
+    """All positions at once: reconstruction from the quantized h_1..h_C, contrastive per position.
+
+    The ablation of the progressive schedule. Each h_t is quantized with the tied codebook
+    (`SemanticIndexer.tied_codebook`); the reconstructor reads all C quantized vectors (mask
+    ratio of the later positions). Contrastive: at position 1 against the batch, at t > 1
+    against the batch's documents with the same current prefix (no sibling sampling: the
+    prefixes change as the codes do). No commitment loss: there are no earlier codes to keep.
+    """
+    cfg = self.module.config
+    tokens_BxL = batch["encoder_input_tokens"]
+    deterministic = rng is None
+    names = ("view1", "view2", "mask", "gumbel")
+    rngs = dict(zip(names, jax.random.split(rng, 4), strict=True)) if rng is not None else {}
+
+    if cfg.quantizer_kind != quantizer.STRAIGHT_THROUGH:
+      raise ValueError("training all positions at once ties each codebook to its ID tokens' "
+                       f"embeddings: it needs quantizer_kind={quantizer.STRAIGHT_THROUGH!r}")
+
+    def apply(method, *args, rng_name=None, **kwargs):
+      dropout = {"dropout": rngs[rng_name]} if rng_name and not deterministic else None
+      return self.module.apply({"params": params}, *args, rngs=dropout, method=method, **kwargs)
+
+    h_BxCxD, codes_BxC = apply(SemanticIndexer.represent_all, tokens_BxL,
+                               enable_dropout=not deterministic, rng_name="view1")
+    num_positions = h_BxCxD.shape[1]
+    metrics = {}
+    total = jnp.zeros((), jnp.float32)
+    if cfg.reconstruction_weight:
+      gumbel_rngs = [None] * num_positions
+      if cfg.gumbel_scale and "gumbel" in rngs:
+        gumbel_rngs = list(jax.random.split(rngs["gumbel"], num_positions))
+      slots = []
+      for t in range(num_positions):
+        codebook_KxD = apply(SemanticIndexer.tied_codebook, t)
+        q = quantizer.straight_through_quantize(
+            h_BxCxD[:, t], codebook_KxD, temperature=cfg.quantizer_temperature,
+            gumbel_rng=gumbel_rngs[t], gumbel_scale=cfg.gumbel_scale,
+            normalize=cfg.quantizer_normalize)
+        slots.append(q.quantized_BxD)
+        metrics[f"codes_used_in_batch_{t + 1}"] = jnp.sum(
+            jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
+      mask_rng = rngs.get("mask")
+      if deterministic and self.eval_mask_seed is not None:
+        mask_rng = jax.random.PRNGKey(self.eval_mask_seed)
+      mask_BxLxS = reconstructor.sample_reconstruction_mask(
+          mask_rng, tokens_BxL, num_positions, cfg.mask_ratio(num_positions - 1),
+          cfg.reconstructor_config.special_ids)
+      logits_BxLxV = apply(
+          SemanticIndexer.reconstruct_from_slots, jnp.stack(slots, axis=1), tokens_BxL,
+          mask_BxLxS, enable_dropout=not deterministic, continuous_h_BxD=h_BxCxD[:, -1],
+          rng_name="view1")
+      weights_BxL = reconstructor.target_mask(tokens_BxL, cfg.reconstructor_config.special_ids)
+      loss, m = losses.reconstruction_loss(logits_BxLxV, tokens_BxL, weights_BxL)
+      total += cfg.reconstruction_weight * loss
+      metrics.update(m)
+
+    if not deterministic and (cfg.contrastive_weight_at(0) or cfg.contrastive_weight_at(1)):
+      h2_BxCxD = h_BxCxD
+      if self.module.t5_config.dropout_rate:
+        h2_BxCxD, _ = apply(SemanticIndexer.represent_all, tokens_BxL, enable_dropout=True,
+                            rng_name="view2")
+      group_B = jnp.zeros(tokens_BxL.shape[:1], jnp.int32)
+      for t in range(num_positions):
+        if t:  # The prefix c_1..c_t as one number (mixed radix).
+          group_B = group_B * cfg.codebook_sizes[t - 1] + codes_BxC[:, t - 1]
+        weight = cfg.contrastive_weight_at(t)
+        if not weight:
+          continue
+        loss, m = losses.in_batch_contrastive_loss(
+            h_BxCxD[:, t], h2_BxCxD[:, t], temperature=cfg.contrastive_temperature,
+            normalize=cfg.contrastive_normalize, groups_B=group_B if t else None)
+        total += weight * loss
+        metrics.update({f"{key}_{t + 1}": value for key, value in m.items()})
 
     metrics["loss"] = total
     return total, metrics

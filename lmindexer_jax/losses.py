@@ -77,7 +77,7 @@ def reconstruction_loss(logits_BxLxV: jax.Array, tokens_BxL: jax.Array,
 
 def in_batch_contrastive_loss(
     q_BxD: jax.Array, k_BxD: jax.Array, *, temperature: float = 1.0, normalize: bool = False,
-    weights_B: jax.Array | None = None,
+    weights_B: jax.Array | None = None, groups_B: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
   """SimCSE: row b's positive is k_b (the same doc under other dropout), negatives the other k's.
 
@@ -92,6 +92,8 @@ def in_batch_contrastive_loss(
     normalize: cosine scores (L2-normalised q and k) instead of dot products.
     weights_B: optional row weights; a row with weight 0 (batch padding) is neither a query nor
       a negative.
+    groups_B: optional int group per row (e.g. the ID prefix): negatives are the other rows of
+      the same group only, and a row alone in its group is left out.
 
   Returns:
     (loss, {contrastive_loss, contrastive_accuracy}); accuracy = share of rows whose positive
@@ -105,8 +107,14 @@ def in_batch_contrastive_loss(
   if weights_B is None:
     weights_B = jnp.ones((batch,), jnp.float32)
   weights_B = weights_B.astype(jnp.float32)
-  scores_BxB = jnp.where(weights_B[None, :] > 0, scores_BxB, _NEG_INF)
+  allowed_BxB = jnp.broadcast_to(weights_B[None, :] > 0, scores_BxB.shape)
+  if groups_B is not None:
+    allowed_BxB &= groups_B[:, None] == groups_B[None, :]
+    others_B = jnp.sum(allowed_BxB, axis=-1) - (weights_B > 0)
+    weights_B = jnp.where(others_B > 0, weights_B, 0.0)
   targets_B = jnp.arange(batch)
+  scores_BxB = jnp.where(allowed_BxB | (targets_B[:, None] == targets_B[None, :]), scores_BxB,
+                         _NEG_INF)
   ce_B = optax.softmax_cross_entropy_with_integer_labels(scores_BxB, targets_B)
   correct_B = (jnp.argmax(scores_BxB, axis=-1) == targets_B).astype(jnp.float32)
   loss = _weighted_mean(ce_B, weights_B)

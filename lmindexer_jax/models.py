@@ -18,6 +18,10 @@ from lmindexer_jax import losses
 
 Batch = Mapping[str, jax.Array]
 Params = Any
+# A loss may return, under this key of its metrics, new values for parameters that are not
+# trained by gradient (an EMA codebook): a nested dict of some of `params`' leaves, written over
+# them after the optimizer step (`apply_state_updates`). Their gradient must be zero.
+STATE_UPDATES = "state_updates"
 
 
 class BaseModel(abc.ABC):
@@ -35,6 +39,16 @@ class BaseModel(abc.ABC):
       self, params: Params, batch: Batch, rng: jax.Array | None
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(scalar loss to minimise, metrics); `rng` None means deterministic (no dropout)."""
+
+
+def apply_state_updates(params: Params, updates: Mapping[str, Any]) -> Params:
+  """`params` with the leaves named in `updates` (a nested dict) replaced."""
+  out = dict(params)
+  for key, value in updates.items():
+    if key not in params:
+      raise KeyError(f"state update {key!r} names no parameter (have {sorted(params)})")
+    out[key] = apply_state_updates(params[key], value) if isinstance(value, Mapping) else value
+  return out
 
 
 class EncoderDecoderModel(BaseModel):

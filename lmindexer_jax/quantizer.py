@@ -318,7 +318,8 @@ def load_centers(variables: Mapping[str, Any], centers_KxD: Any,
     centers = _checked_centers(centers_KxD, old)
     ema = variables[EMA_COLLECTION]
     ema = _replace_leaf(ema, path + ("codebook",), centers)
-    ema = _replace_leaf(ema, path + ("embed_sum",), centers)
+    # Its own buffer: a train step donates its state, and one buffer cannot be donated twice.
+    ema = _replace_leaf(ema, path + ("embed_sum",), jnp.array(centers, copy=True))
     ema = _replace_leaf(ema, path + ("cluster_size",), jnp.ones(centers.shape[:1], jnp.float32))
     return {**variables, EMA_COLLECTION: ema}
   old = _get_leaf(variables["params"], path + ("codebook",))

@@ -56,6 +56,9 @@ def train_step(
   (_, metrics), grads = grad_fn(state.params, batch, step_rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  state_updates = metrics.pop(models.STATE_UPDATES, None)
+  if state_updates is not None:
+    params = models.apply_state_updates(params, state_updates)
   metrics["grad_norm"] = optax.global_norm(grads)
   return TrainState(state.step + 1, params, opt_state), metrics
 

@@ -6,6 +6,9 @@ import tempfile
 # Eight simulated CPU devices, so mesh tests run on any machine. Must precede importing jax.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent XLA compilation cache per test session, shared with the command-line runs the
+# tests start: runs of the same configuration (a pipeline, then its kill-and-resume) compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lmindexer_jax_cache"))
 # Keep tests' trained vocabularies out of the user's cache.
 os.environ.setdefault(
     "LMINDEXER_CACHE", os.path.join(tempfile.gettempdir(), "lmindexer_test_cache")

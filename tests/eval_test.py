@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -44,6 +45,7 @@ def runs(tmp_path_factory):
                                codebook_sizes=CODEBOOKS, disambiguation_size=size)
   out = {"id_file": id_file}
   # Both runs have the same shapes: the second compiles nothing (JAX's persistent cache).
+  session_cache = jax.config.jax_compilation_cache_dir
   experiment.use_compilation_cache(str(root / "jax_cache"))
   try:
     with settings.configured(TINY):
@@ -55,7 +57,7 @@ def runs(tmp_path_factory):
             partitioner=partitioning.Partitioner(num_devices=1))
         out[task] = (model_dir, eval_lib.evaluate(model_dir, beam_size=BEAM, batch_size=16))
   finally:
-    experiment.use_compilation_cache(None)
+    experiment.use_compilation_cache(session_cache)
   return out
 
 

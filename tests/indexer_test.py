@@ -1,5 +1,8 @@
 """The indexer's model, its batches, and the pipeline end to end on a tiny corpus."""
 
+import dataclasses
+import functools
+import json
 import os
 import re
 import signal
@@ -9,14 +12,19 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from lmindexer_jax import assign
 from lmindexer_jax import index_pipeline
 from lmindexer_jax import indexer
+from lmindexer_jax import indexer_manifest
 from lmindexer_jax import kmeans
+from lmindexer_jax import models
 from lmindexer_jax import partitioning
 from lmindexer_jax import quantizer
 from lmindexer_jax import t5
+from lmindexer_jax import train
 from lmindexer_jax import vocabularies
 from tasks import semantic_ids
 from tasks import settings
@@ -223,7 +231,7 @@ def run_straight_index(model_dir):
 def test_pipeline_writes_unique_ids_and_stats(straight_index):
   ids = semantic_ids.read(str(straight_index / "semantic_ids.tsv"))
   assert len(ids.doc_ids) == 96 and ids.num_collisions() == 0
-  stats = __import__("json").loads((straight_index / "index_stats.json").read_text())
+  stats = json.loads((straight_index / "index_stats.json").read_text())
   assert stats["unique"] and len(stats["positions"]) == 2
   for position in stats["positions"]:
     for key in ("codes_used", "usage_perplexity", "max_group_size", "mean_group_size",
@@ -263,24 +271,23 @@ def test_resume_after_kill_mid_stage_gives_the_same_ids(straight_index, tmp_path
       straight_index / "semantic_ids.tsv").read_text()
 
 
-def test_eight_device_mesh_gives_the_same_ids(tmp_path):
-  if jax.device_count() < 8:
-    pytest.skip("needs 8 devices")
-  kwargs = dict(index_task="lmindexer.synthetic.index",
-                t5_config=T5_CONFIG.replace(vocab_size=0, dropout_rate=0.1),
-                config=indexer.IndexerConfig(codebook_sizes=(2, 2)), schedule=_SCHEDULE,
-                max_length=24)
-  with settings.configured(_TINY):
-    single = index_pipeline.index(model_dir=str(tmp_path / "one"),
-                                  partitioner=partitioning.Partitioner(num_devices=1), **kwargs)
-    mesh = index_pipeline.index(model_dir=str(tmp_path / "mesh"),
-                                partitioner=partitioning.Partitioner(num_partitions=2), **kwargs)
-  assert (tmp_path / "one" / "semantic_ids.tsv").read_text() == (
-      tmp_path / "mesh" / "semantic_ids.tsv").read_text()
+def test_eight_device_mesh_gives_the_same_ids(straight_index, tmp_path):
+  """The same command on 8 simulated devices (4-way data x 2-way model parallel) gives the
+  single-device run's IDs and stats."""
+  model_dir = tmp_path / "mesh"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run(
+      [*_index_command(model_dir), "--gin.partitioning.Partitioner.num_partitions=2"], cwd=REPO,
+      env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  assert (model_dir / "semantic_ids.tsv").read_text() == (
+      straight_index / "semantic_ids.tsv").read_text()
+  single, mesh = (json.loads((d / "index_stats.json").read_text())
+                  for d in (straight_index, model_dir))
   # The reconstruction loss is a float mean, summed in another order across 8 devices.
   for one, many in zip(single["positions"], mesh["positions"], strict=True):
     assert one.pop("recon_loss") == pytest.approx(many.pop("recon_loss"), rel=1e-5)
-  assert single["positions"] == mesh["positions"]
+  assert single == mesh
 
 
 def test_codebook_from_centers_keeps_the_kmeans_assignment():
@@ -294,3 +301,137 @@ def test_codebook_from_centers_keeps_the_kmeans_assignment():
   np.testing.assert_array_equal(codes_N, np.asarray(result.assignments_N))
   np.testing.assert_allclose(np.linalg.norm(codebook_KxD, axis=1),
                              np.linalg.norm(h_NxD, axis=1).mean(), rtol=1e-5)
+
+
+def _unboxed_params(model, batch):
+  return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x,
+                      model.init_params(jax.random.PRNGKey(0), batch),
+                      is_leaf=lambda x: hasattr(x, "unbox"))
+
+
+def test_joint_loss_trains_every_position_through_tied_codebooks():
+  """All positions at once: reconstruction reads every quantized h_t, contrastive runs per
+  position (same-prefix rows at t > 1), and gradients reach the ID-token embeddings (the tied
+  codebooks), not the unused quantizer parameters."""
+  module = _module(commitment_weight=1.0)
+  model = indexer.IndexerModel(module, indexer.Stage(1, use_codebook=True, joint=True))
+  batch = {"encoder_input_tokens": _batch(0)["encoder_input_tokens"]}
+  params = _unboxed_params(model, batch)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))(
+      params, batch, jax.random.PRNGKey(1))
+  assert np.isfinite(loss)
+  assert {"reconstruction_loss", "contrastive_loss_1", "contrastive_loss_2",
+          "codes_used_in_batch_1", "codes_used_in_batch_2"} <= set(metrics)
+  assert "commitment_loss" not in metrics
+  embedding_grad = np.abs(np.asarray(grads["t5"]["token_embedder"]["embedding"]))
+  for t in range(2):
+    start, end = LAYOUT.position_range(t)
+    assert embedding_grad[start:end].sum() > 0
+    assert float(jnp.abs(grads[f"quantizers_{t}"]["codebook"]).sum()) == 0
+
+
+def test_joint_codes_are_the_tied_lms_greedy_codes():
+  """`represent_all`'s codes are the LM's greedy choice among each position's tokens once
+  `tie_codebooks` has copied the embeddings into the (untied) head and the quantizers."""
+  module = _module()
+  tokens = _batch(0)["encoder_input_tokens"]
+  model = indexer.IndexerModel(module, indexer.Stage(1, use_codebook=True, joint=True))
+  params = jax.tree.map(np.asarray, _unboxed_params(model, {"encoder_input_tokens": tokens}))
+  params = index_pipeline.tie_codebooks(params, LAYOUT)
+  _, codes = module.apply({"params": params}, tokens, enable_dropout=False,
+                          method=indexer.SemanticIndexer.represent_all)
+  decoder = np.zeros((8, 1), np.int32)
+  for t in range(2):
+    logits = module.apply({"params": params}, tokens, decoder,
+                          method=lambda m, x, d: m.t5(x, d, enable_dropout=False))
+    start, end = LAYOUT.position_range(t)
+    greedy = np.argmax(np.asarray(logits)[:, -1, start:end], -1)
+    np.testing.assert_array_equal(greedy, np.asarray(codes)[:, t])
+    codebook = np.asarray(params[f"quantizers_{t}"]["codebook"])
+    np.testing.assert_array_equal(
+        index_pipeline.assign_position(module, params, t, tokens, decoder[:, 1:] - np.asarray(
+            LAYOUT.position_starts[:t]), partitioning.Partitioner(num_devices=1), 8),
+        greedy)
+    assert codebook.shape == (LAYOUT.codebook_sizes[t], 16)
+    decoder = np.concatenate([decoder, greedy[:, None] + start], axis=1).astype(np.int32)
+
+
+def test_all_positions_at_once_ablation(tmp_path):
+  """`Schedule.progressive=False`: k-means codebooks position by position on the warm-up model,
+  one joint stage, unique IDs; `assign` (through the manifest) gives back the same codes."""
+  schedule = dataclasses.replace(_SCHEDULE, progressive=False, joint_steps=4)
+  with settings.configured(_TINY):
+    stats = index_pipeline.index(
+        model_dir=str(tmp_path), index_task="lmindexer.synthetic.index",
+        t5_config=T5_CONFIG.replace(vocab_size=0), schedule=schedule, max_length=24,
+        config=indexer.IndexerConfig(codebook_sizes=(2, 2)),
+        partitioner=partitioning.Partitioner(num_devices=1))
+    corpus = index_pipeline.load_corpus("lmindexer.synthetic.index", 24)
+  assert stats["unique"] and not stats["progressive"]
+  assert not (tmp_path / "stages" / "nocode_0" / "metrics.jsonl").exists()  # no steps there
+  assert (tmp_path / "stages" / "joint" / "metrics.jsonl").exists()
+  manifest = indexer_manifest.read_indexer_manifest(str(tmp_path))
+  assert manifest.position_stages == ("joint_final", "joint_final")
+  ids = semantic_ids.read(str(tmp_path / "semantic_ids.tsv"))
+  np.testing.assert_array_equal(
+      assign.assign_codes(manifest, corpus.tokens_NxL, partitioning.Partitioner(num_devices=1)),
+      ids.codes[:, :2])
+
+
+def test_ema_quantizer_stage_updates_its_codebook_by_ema():
+  """`quantizer_kind='ema_vq'`: the codebook statistics sit in params without gradient, and one
+  train step sets them to the EMA update of that batch's (pre-step) representations."""
+  config = indexer.IndexerConfig(codebook_sizes=LAYOUT.codebook_sizes, quantizer_kind="ema_vq",
+                                 ema_decay=0.9)
+  module = indexer.SemanticIndexer(T5_CONFIG.replace(dropout_rate=0.0), LAYOUT, config)
+  model = indexer.IndexerModel(module, indexer.Stage(0, use_codebook=True))
+  batch = {"encoder_input_tokens": _batch(0)["encoder_input_tokens"]}
+  params = _unboxed_params(model, batch)
+  assert set(params["quantizers_0"]) == {"codebook", "cluster_size", "embed_sum"}
+  (_, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
+      params, batch, jax.random.PRNGKey(1))
+  assert "vq_commitment_loss" in metrics
+  assert all(float(jnp.abs(g).sum()) == 0 for g in jax.tree.leaves(grads["quantizers_0"]))
+  h_BxD, _ = module.apply(indexer.variables(params), batch["encoder_input_tokens"],
+                          np.zeros((8, 0), np.int32), enable_dropout=False,
+                          method=indexer.SemanticIndexer.represent)
+  old = params["quantizers_0"]
+  codes_B = quantizer.nearest_codeword_quantize(h_BxD, old["codebook"]).codes_B
+  expected = quantizer.ema_codebook_update(h_BxD, codes_B, old["codebook"],
+                                           old["cluster_size"], old["embed_sum"], decay=0.9,
+                                           epsilon=1e-5)
+  tx = optax.adamw(1e-2)
+  state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  state, metrics = jax.jit(functools.partial(train.train_step, model=model, tx=tx))(
+      state, batch, jax.random.PRNGKey(1))
+  assert models.STATE_UPDATES not in metrics
+  for name, value in zip(("codebook", "cluster_size", "embed_sum"), expected, strict=True):
+    np.testing.assert_allclose(state.params["quantizers_0"][name], value, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(state.params["reconstructor"]["final_norm"]["scale"]
+                       - params["reconstructor"]["final_norm"]["scale"]).sum()) > 0
+
+
+def test_ema_quantizer_pipeline_assigns_nearest_codewords(tmp_path):
+  """The whole schedule with the EMA quantizer: unique IDs, and `assign` (L2 nearest codeword
+  per position) gives back the pipeline's codes."""
+  schedule = dataclasses.replace(_SCHEDULE, nocode_steps=0, quantized_steps=4)
+  with settings.configured(_TINY):
+    stats = index_pipeline.index(
+        model_dir=str(tmp_path), index_task="lmindexer.synthetic.index",
+        t5_config=T5_CONFIG.replace(vocab_size=0), schedule=schedule, max_length=24,
+        config=indexer.IndexerConfig(codebook_sizes=(2, 2), quantizer_kind="ema_vq"),
+        partitioner=partitioning.Partitioner(num_devices=1))
+    corpus = index_pipeline.load_corpus("lmindexer.synthetic.index", 24)
+  assert stats["unique"]
+  lines = (tmp_path / "stages" / "quantized_1" / "metrics.jsonl").read_text().splitlines()
+  assert "vq_commitment_loss" in lines[-1]
+  manifest = indexer_manifest.read_indexer_manifest(str(tmp_path))
+  np.testing.assert_array_equal(
+      assign.assign_codes(manifest, corpus.tokens_NxL, partitioning.Partitioner(num_devices=1)),
+      semantic_ids.read(str(tmp_path / "semantic_ids.tsv")).codes[:, :2])
+
+
+def test_schedule_steps_per_position():
+  schedule = index_pipeline.Schedule(nocode_steps=(300, 150), quantized_steps=100)
+  assert [schedule.steps("nocode", t) for t in range(3)] == [300, 150, 150]
+  assert [schedule.steps("quantized", t) for t in range(3)] == [100, 100, 100]

@@ -46,6 +46,22 @@ def test_in_batch_contrastive_equals_hand_computation():
       loss, -np.mean(np.diag(_log_softmax(q[:3] @ k[:3].T))), rtol=1e-5)
 
 
+def test_in_batch_contrastive_groups_compete_within_their_group():
+  """With groups (the joint mode's same-prefix rule), a row's negatives are its group's other
+  rows, and a row alone in its group is left out."""
+  rng = np.random.default_rng(3)
+  q, k = rng.normal(size=(2, 5, 3)).astype(np.float32)
+  groups = np.array([7, 7, 2, 2, 9])  # row 4 has no sibling
+  loss, metrics = losses.in_batch_contrastive_loss(q, k, groups_B=groups)
+  expected = [-_log_softmax(q[i] @ k[members].T)[list(members).index(i)]
+              for members in ([0, 1], [2, 3]) for i in members]
+  np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
+  scores = q @ k.T
+  correct = [scores[0, 0] > scores[0, 1], scores[1, 1] > scores[1, 0],
+             scores[2, 2] > scores[2, 3], scores[3, 3] > scores[3, 2]]
+  np.testing.assert_allclose(metrics["contrastive_accuracy"], np.mean(correct))
+
+
 def _prefix_case(seed=2):
   rng = np.random.default_rng(seed)
   q, pos = rng.normal(size=(2, 3, 4)).astype(np.float32)
