@@ -10,6 +10,7 @@ import indexer_test  # The tiny corpus, T5 and schedule of the pipeline tests (t
 import numpy as np
 import pytest
 import seqio
+import xla_env
 
 from lmindexer_jax import assign
 from lmindexer_jax import index_pipeline
@@ -151,7 +152,7 @@ def test_command_line(run, tmp_path):
                           for i in rows))
   command = [sys.executable, "-m", "lmindexer_jax.assign", f"--model_dir={run.model_dir}",
              f"--input={path}", f"--output={tmp_path / 'out.tsv'}"]
-  env = dict(os.environ, XLA_FLAGS="")
+  env = xla_env.env()
   result = subprocess.run(command, cwd=indexer_test.REPO, env=env, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

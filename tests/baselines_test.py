@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+import xla_env
 
 from lmindexer_jax import metrics
 from lmindexer_jax import t5
@@ -265,7 +266,7 @@ def test_gin_job_runs_rqvae_on_the_synthetic_corpus(tmp_path):
       "--gin.CODEBOOK_SIZES=(4, 4)", "--gin.MAX_LENGTH=24",
       "--gin.rqvae.RqVaeConfig.num_steps=30", "--gin.rqvae.RqVaeConfig.batch_size=32",
   ]
-  result = subprocess.run(command, cwd=REPO, env=dict(os.environ, XLA_FLAGS=""),
+  result = subprocess.run(command, cwd=REPO, env=xla_env.env(),
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   ids = semantic_ids.read(str(tmp_path / "semantic_ids.tsv"))

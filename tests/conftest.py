@@ -3,8 +3,11 @@
 import os
 import tempfile
 
-# Eight simulated CPU devices, so mesh tests run on any machine. Must precede importing jax.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import xla_env  # tests/ is on the path
+
+# Eight simulated CPU devices, so mesh tests run on any machine, compiled fast (`xla_env`). Must
+# precede importing jax.
+os.environ.setdefault("XLA_FLAGS", xla_env.flags(num_devices=8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent XLA compilation cache per test session, shared with the command-line runs the
 # tests start: runs of the same configuration (a pipeline, then its kill-and-resume) compile once.

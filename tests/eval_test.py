@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import xla_env
 
 from lmindexer_jax import eval as eval_lib
 from lmindexer_jax import evaluation
@@ -120,7 +121,7 @@ def test_command_line_rebuilds_everything_from_model_dir(runs, tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "lmindexer_jax.eval", f"--model_dir={model_dir}", f"--beam={BEAM}",
        f"--output_dir={tmp_path}", "--batch_size=16"],
-      cwd=REPO, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=600)
+      cwd=REPO, env=xla_env.env(), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   again = json.loads((tmp_path / "metrics_test.json").read_text())
   assert again["metrics"] == result["metrics"] and again["invalid_ids"] == 0

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import xla_env
 
 from lmindexer_jax import assign
 from lmindexer_jax import index_pipeline
@@ -217,7 +218,7 @@ def _index_command(model_dir):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="")
+  return xla_env.env()
 
 
 def run_straight_index(model_dir):
@@ -275,7 +276,7 @@ def test_eight_device_mesh_gives_the_same_ids(straight_index, tmp_path):
   """The same command on 8 simulated devices (4-way data x 2-way model parallel) gives the
   single-device run's IDs and stats."""
   model_dir = tmp_path / "mesh"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = xla_env.env(num_devices=8)
   result = subprocess.run(
       [*_index_command(model_dir), "--gin.partitioning.Partitioner.num_partitions=2"], cwd=REPO,
       env=env, capture_output=True, text=True, timeout=900)
@@ -388,7 +389,7 @@ def test_ema_quantizer_stage_updates_its_codebook_by_ema():
   batch = {"encoder_input_tokens": _batch(0)["encoder_input_tokens"]}
   params = _unboxed_params(model, batch)
   assert set(params["quantizers_0"]) == {"codebook", "cluster_size", "embed_sum"}
-  (_, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
+  (_, metrics), grads = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))(
       params, batch, jax.random.PRNGKey(1))
   assert "vq_commitment_loss" in metrics
   assert all(float(jnp.abs(g).sum()) == 0 for g in jax.tree.leaves(grads["quantizers_0"]))

@@ -1,19 +1,19 @@
 """Bad input on the command line ends with one clear error line, non-zero, nothing written."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _train(*args: str, cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="")  # One CPU device.
+  env = xla_env.env()  # One CPU device.
   return subprocess.run(
       [sys.executable, "-m", "lmindexer_jax.train", *args],
       cwd=cwd, env=env, capture_output=True, text=True, timeout=300,

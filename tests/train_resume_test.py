@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 120
@@ -37,7 +38,7 @@ def _command(model_dir: pathlib.Path, *extra: str) -> list[str]:
 
 def _env() -> dict[str, str]:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = ""  # One CPU device: these runs test resumption, not sharding.
+  env["XLA_FLAGS"] = xla_env.flags()  # One CPU device: these test resumption, not sharding.
   return env
 
 
