@@ -262,6 +262,31 @@ class IndexerModel(models.BaseModel):
     prefix = jnp.zeros((tokens.shape[0], self.stage.position), jnp.int32)
     return params_of(self.module.init({"params": rng}, tokens, prefix))
 
+  def _applier(self, params, rng, names):
+    """(apply, rngs): `apply(method, ..., rng_name=)` runs the module with that rng stream as
+    its dropout rng (none without `rng`, i.e. in evaluation); `rngs` has one stream per name."""
+    rngs = {}
+    if rng is not None:
+      rngs = dict(zip(names, jax.random.split(rng, len(names)), strict=True))
+
+    def apply(method, *args, rng_name=None, **kwargs):
+      dropout = {"dropout": rngs[rng_name]} if rng_name and rng is not None else None
+      return self.module.apply(variables(params), *args, rngs=dropout, method=method, **kwargs)
+
+    return apply, rngs
+
+  def _reconstruction_term(self, rngs, tokens_BxL, num_slots, ratio, logits_fn):
+    """Token cross-entropy of `logits_fn(mask_BxLxS)` under the reconstruction mask: sampled
+    from the 'mask' stream in training, from `eval_mask_seed` (or none) in evaluation."""
+    special_ids = self.module.config.reconstructor_config.special_ids
+    mask_rng = rngs.get("mask")
+    if mask_rng is None and self.eval_mask_seed is not None:
+      mask_rng = jax.random.PRNGKey(self.eval_mask_seed)
+    mask_BxLxS = reconstructor.sample_reconstruction_mask(
+        mask_rng, tokens_BxL, num_slots, ratio, special_ids)
+    weights_BxL = reconstructor.target_mask(tokens_BxL, special_ids)
+    return losses.reconstruction_loss(logits_fn(mask_BxLxS), tokens_BxL, weights_BxL)
+
   def loss_fn(self, params, batch, rng):
     if self.stage.joint:
       return self.joint_loss(params, batch, rng)
@@ -274,13 +299,7 @@ class IndexerModel(models.BaseModel):
     batch_size = tokens_BxL.shape[0]
     prefix_BxP = batch.get("prefix_codes", jnp.zeros((batch_size, 0), jnp.int32))
     deterministic = rng is None
-    names = ("view1", "view2", "negatives", "mask", "gumbel")
-    rngs = dict(zip(names, jax.random.split(rng, 5), strict=True)) if rng is not None else {}
-
-    def apply(method, *args, rng_name=None, **kwargs):
-      dropout = {"dropout": rngs[rng_name]} if rng_name and not deterministic else None
-      return self.module.apply(variables(params), *args, rngs=dropout, method=method, **kwargs)
-
+    apply, rngs = self._applier(params, rng, ("view1", "view2", "negatives", "mask", "gumbel"))
     h_BxD, commit_logits_BxPxV = apply(
         SemanticIndexer.represent, tokens_BxL, prefix_BxP, enable_dropout=not deterministic,
         rng_name="view1")
@@ -305,17 +324,11 @@ class IndexerModel(models.BaseModel):
         id_h_BxD = q.quantized_BxD
         metrics["codes_used_in_batch"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
-      mask_rng = rngs.get("mask")
-      if deterministic and self.eval_mask_seed is not None:
-        mask_rng = jax.random.PRNGKey(self.eval_mask_seed)
-      mask_BxLxS = reconstructor.sample_reconstruction_mask(
-          mask_rng, tokens_BxL, t + 1, cfg.mask_ratio(t),
-          cfg.reconstructor_config.special_ids)
-      logits_BxLxV = apply(
-          SemanticIndexer.reconstruct, id_h_BxD, prefix_BxP, tokens_BxL, mask_BxLxS,
-          enable_dropout=not deterministic, continuous_h_BxD=h_BxD, rng_name="view1")
-      weights_BxL = reconstructor.target_mask(tokens_BxL, cfg.reconstructor_config.special_ids)
-      loss, m = losses.reconstruction_loss(logits_BxLxV, tokens_BxL, weights_BxL)
+      loss, m = self._reconstruction_term(
+          rngs, tokens_BxL, t + 1, cfg.mask_ratio(t),
+          lambda mask_BxLxS: apply(
+              SemanticIndexer.reconstruct, id_h_BxD, prefix_BxP, tokens_BxL, mask_BxLxS,
+              enable_dropout=not deterministic, continuous_h_BxD=h_BxD, rng_name="view1"))
       total += cfg.reconstruction_weight * loss
       metrics.update(m)
 
@@ -365,18 +378,11 @@ class IndexerModel(models.BaseModel):
     """
     cfg = self.module.config
     tokens_BxL = batch["encoder_input_tokens"]
-    deterministic = rng is None
-    names = ("view1", "view2", "mask", "gumbel")
-    rngs = dict(zip(names, jax.random.split(rng, 4), strict=True)) if rng is not None else {}
-
     if cfg.quantizer_kind != quantizer.STRAIGHT_THROUGH:
       raise ValueError("training all positions at once ties each codebook to its ID tokens' "
                        f"embeddings: it needs quantizer_kind={quantizer.STRAIGHT_THROUGH!r}")
-
-    def apply(method, *args, rng_name=None, **kwargs):
-      dropout = {"dropout": rngs[rng_name]} if rng_name and not deterministic else None
-      return self.module.apply({"params": params}, *args, rngs=dropout, method=method, **kwargs)
-
+    deterministic = rng is None
+    apply, rngs = self._applier(params, rng, ("view1", "view2", "mask", "gumbel"))
     h_BxCxD, codes_BxC = apply(SemanticIndexer.represent_all, tokens_BxL,
                                enable_dropout=not deterministic, rng_name="view1")
     num_positions = h_BxCxD.shape[1]
@@ -396,18 +402,12 @@ class IndexerModel(models.BaseModel):
         slots.append(q.quantized_BxD)
         metrics[f"codes_used_in_batch_{t + 1}"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
-      mask_rng = rngs.get("mask")
-      if deterministic and self.eval_mask_seed is not None:
-        mask_rng = jax.random.PRNGKey(self.eval_mask_seed)
-      mask_BxLxS = reconstructor.sample_reconstruction_mask(
-          mask_rng, tokens_BxL, num_positions, cfg.mask_ratio(num_positions - 1),
-          cfg.reconstructor_config.special_ids)
-      logits_BxLxV = apply(
-          SemanticIndexer.reconstruct_from_slots, jnp.stack(slots, axis=1), tokens_BxL,
-          mask_BxLxS, enable_dropout=not deterministic, continuous_h_BxD=h_BxCxD[:, -1],
-          rng_name="view1")
-      weights_BxL = reconstructor.target_mask(tokens_BxL, cfg.reconstructor_config.special_ids)
-      loss, m = losses.reconstruction_loss(logits_BxLxV, tokens_BxL, weights_BxL)
+      loss, m = self._reconstruction_term(
+          rngs, tokens_BxL, num_positions, cfg.mask_ratio(num_positions - 1),
+          lambda mask_BxLxS: apply(
+              SemanticIndexer.reconstruct_from_slots, jnp.stack(slots, axis=1), tokens_BxL,
+              mask_BxLxS, enable_dropout=not deterministic, continuous_h_BxD=h_BxCxD[:, -1],
+              rng_name="view1"))
       total += cfg.reconstruction_weight * loss
       metrics.update(m)
 
