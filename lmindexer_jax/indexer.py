@@ -115,7 +115,8 @@ class SemanticIndexer(nn.Module):
     h_BxD, _ = self.represent(tokens_BxL, prefix_codes_BxP, enable_dropout=False)
     for position in range(len(self.quantizers)):
       self.quantize(position, h_BxD)
-    return self.reconstruct(h_BxD, prefix_codes_BxP, tokens_BxL, None, enable_dropout=False)
+    return self.t5.logits_from_hidden(
+        self.reconstruct(h_BxD, prefix_codes_BxP, tokens_BxL, None, enable_dropout=False))
 
   def id_tokens(self, codes_BxP: jax.Array) -> jax.Array:
     """The ID tokens of codes c_1..c_P (position p's code -> `<id_p_code>`)."""
@@ -147,7 +148,8 @@ class SemanticIndexer(nn.Module):
       mask_BxLxS: jax.Array | None, *, enable_dropout: bool,
       continuous_h_BxD: jax.Array | None = None,
   ) -> jax.Array:
-    """Logits of every document token rebuilt from [prefix code embeddings; h] (B x L x V)."""
+    """The reconstructor's row for every document token, rebuilt from [prefix code embeddings;
+    h] (B x L x D; `lm_head` scores it)."""
     prefix_BxPxD = self.t5.embed(self.id_tokens(prefix_codes_BxP))
     id_embs_BxCxD = jnp.concatenate([prefix_BxPxD, h_BxD[:, None].astype(prefix_BxPxD.dtype)], 1)
     return self.reconstruct_from_slots(id_embs_BxCxD, tokens_BxL, mask_BxLxS,
@@ -158,11 +160,15 @@ class SemanticIndexer(nn.Module):
       self, id_embs_BxCxD: jax.Array, tokens_BxL: jax.Array, mask_BxLxS: jax.Array | None, *,
       enable_dropout: bool, continuous_h_BxD: jax.Array | None = None,
   ) -> jax.Array:
-    """Logits of every document token rebuilt from the given ID slot vectors (B x L x V)."""
-    hidden_BxLxD = self.reconstructor(
+    """The reconstructor's row for every document token, rebuilt from the given ID slot
+    vectors (B x L x D)."""
+    return self.reconstructor(
         id_embs_BxCxD, tokens_BxL, self.t5.embed(tokens_BxL), mask_BxLxS,
         enable_dropout=enable_dropout, continuous_h_BxD=continuous_h_BxD)
-    return self.t5.logits_from_hidden(hidden_BxLxD)
+
+  def lm_head(self) -> jax.Array:
+    """The T5's LM head [D, V], which scores the reconstructor's rows."""
+    return self.t5.lm_head()
 
   def tied_codebook(self, position: int) -> jax.Array:
     """E_t read from the embeddings of position t's ID tokens (K x D), for joint training.
@@ -275,9 +281,10 @@ class IndexerModel(models.BaseModel):
 
     return apply, rngs
 
-  def _reconstruction_term(self, rngs, tokens_BxL, num_slots, ratio, logits_fn):
-    """Token cross-entropy of `logits_fn(mask_BxLxS)` under the reconstruction mask: sampled
-    from the 'mask' stream in training, from `eval_mask_seed` (or none) in evaluation."""
+  def _reconstruction_term(self, apply, rngs, tokens_BxL, num_slots, ratio, hidden_fn):
+    """Token cross-entropy of the rows `hidden_fn(mask_BxLxS)` under the LM head, with the
+    reconstruction mask sampled from the 'mask' stream in training, from `eval_mask_seed` (or
+    none) in evaluation."""
     special_ids = self.module.config.reconstructor_config.special_ids
     mask_rng = rngs.get("mask")
     if mask_rng is None and self.eval_mask_seed is not None:
@@ -285,7 +292,8 @@ class IndexerModel(models.BaseModel):
     mask_BxLxS = reconstructor.sample_reconstruction_mask(
         mask_rng, tokens_BxL, num_slots, ratio, special_ids)
     weights_BxL = reconstructor.target_mask(tokens_BxL, special_ids)
-    return losses.reconstruction_loss(logits_fn(mask_BxLxS), tokens_BxL, weights_BxL)
+    return losses.reconstruction_loss(hidden_fn(mask_BxLxS), apply(SemanticIndexer.lm_head),
+                                      tokens_BxL, weights_BxL)
 
   def loss_fn(self, params, batch, rng):
     if self.stage.joint:
@@ -325,7 +333,7 @@ class IndexerModel(models.BaseModel):
         metrics["codes_used_in_batch"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
       loss, m = self._reconstruction_term(
-          rngs, tokens_BxL, t + 1, cfg.mask_ratio(t),
+          apply, rngs, tokens_BxL, t + 1, cfg.mask_ratio(t),
           lambda mask_BxLxS: apply(
               SemanticIndexer.reconstruct, id_h_BxD, prefix_BxP, tokens_BxL, mask_BxLxS,
               enable_dropout=not deterministic, continuous_h_BxD=h_BxD, rng_name="view1"))
@@ -403,7 +411,7 @@ class IndexerModel(models.BaseModel):
         metrics[f"codes_used_in_batch_{t + 1}"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
       loss, m = self._reconstruction_term(
-          rngs, tokens_BxL, num_positions, cfg.mask_ratio(num_positions - 1),
+          apply, rngs, tokens_BxL, num_positions, cfg.mask_ratio(num_positions - 1),
           lambda mask_BxLxS: apply(
               SemanticIndexer.reconstruct_from_slots, jnp.stack(slots, axis=1), tokens_BxL,
               mask_BxLxS, enable_dropout=not deterministic, continuous_h_BxD=h_BxCxD[:, -1],

@@ -1,6 +1,7 @@
 """The indexer's loss terms, as pure functions returning `(scalar loss, metrics)`.
 
-* `reconstruction_loss`: token cross-entropy of the reconstructor's logits (all positions).
+* `reconstruction_loss`: token cross-entropy of the reconstructor's rows under the LM head
+  (all positions), scored in cache-sized chunks (`chunked_token_cross_entropy`).
 * `in_batch_contrastive_loss`: SimCSE between two dropout views, in-batch negatives (position 1).
 * `prefix_contrastive_loss`: InfoNCE against same-prefix siblings as hard negatives (position > 1).
 * `commitment_loss`: the reference's "commitment": cross-entropy of the indexer's decoder logits
@@ -15,6 +16,7 @@ T decoder length, P previous ID positions (t - 1 at position t).
 """
 
 from collections.abc import Sequence
+import functools
 from typing import TYPE_CHECKING
 
 import jax
@@ -54,12 +56,94 @@ def token_cross_entropy(
           jnp.sum(weights_BxL))
 
 
-def reconstruction_loss(logits_BxLxV: jax.Array, tokens_BxL: jax.Array,
+def chunked_token_cross_entropy(
+    hidden_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
+    weights_BxL: jax.Array, *, max_chunk_logits: int = 2**20,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`token_cross_entropy(hidden @ head, ...)` without the [B, L, V] logits in memory.
+
+  The logits are built, reduced and (in the backward pass) rebuilt one chunk of token columns
+  at a time, at most `max_chunk_logits` of them per chunk, so they stay in cache: on CPU the
+  reconstructor's full-vocabulary softmax otherwise streams several [B, L, V] float32 arrays
+  through memory and dominates the step (`benchmarks/indexer_step.py`). Chunks run along L, so
+  a batch-sharded input stays sharded.
+
+  Returns:
+    (mean cross-entropy, accuracy, total weight) over weighted tokens, as `token_cross_entropy`.
+  """
+  batch, length, _ = hidden_BxLxD.shape
+  vocab = head_DxV.shape[1]
+  chunk = max(1, min(length, max_chunk_logits // max(batch * vocab, 1)))
+  pad = -length % chunk
+  hidden_BxLxD = jnp.pad(hidden_BxLxD.astype(jnp.float32), ((0, 0), (0, pad), (0, 0)))
+  targets_BxL = jnp.pad(targets_BxL.astype(jnp.int32), ((0, 0), (0, pad)))
+  nll_BxL, predicted_BxL = _chunked_nll(hidden_BxLxD, head_DxV.astype(jnp.float32),
+                                        targets_BxL, chunk)
+  weights_BxL = weights_BxL.astype(jnp.float32)
+  correct_BxL = (predicted_BxL[:, :length] == targets_BxL[:, :length]).astype(jnp.float32)
+  return (_weighted_mean(nll_BxL[:, :length], weights_BxL),
+          _weighted_mean(correct_BxL, weights_BxL), jnp.sum(weights_BxL))
+
+
+def _by_chunk(x_BxL, chunk):
+  """[B, L, ...] -> [L / chunk, B, chunk, ...]: the scanned axis first, B kept whole."""
+  batch, length = x_BxL.shape[:2]
+  x = x_BxL.reshape(batch, length // chunk, chunk, *x_BxL.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _from_chunks(x_NxBxC):
+  x = jnp.moveaxis(x_NxBxC, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_nll(hidden_BxLxD, head_DxV, targets_BxL, chunk):
+  """Per-token negative log-likelihood and argmax of `hidden @ head`, chunk by chunk."""
+  return _chunked_nll_fwd(hidden_BxLxD, head_DxV, targets_BxL, chunk)[0]
+
+
+def _chunked_nll_fwd(hidden_BxLxD, head_DxV, targets_BxL, chunk):
+  def step(_, xs):
+    h_BxCxD, t_BxC = xs
+    logits_BxCxV = h_BxCxD @ head_DxV
+    target_BxC = jnp.take_along_axis(logits_BxCxV, t_BxC[..., None], -1)[..., 0]
+    nll_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1) - target_BxC
+    return None, (nll_BxC, jnp.argmax(logits_BxCxV, axis=-1).astype(jnp.int32))
+
+  _, (nll, predicted) = jax.lax.scan(
+      step, None, (_by_chunk(hidden_BxLxD, chunk), _by_chunk(targets_BxL, chunk)))
+  return (_from_chunks(nll), _from_chunks(predicted)), (hidden_BxLxD, head_DxV, targets_BxL)
+
+
+def _chunked_nll_bwd(chunk, residuals, cotangents):
+  hidden_BxLxD, head_DxV, targets_BxL = residuals
+  g_nll_BxL = cotangents[0]
+
+  def step(d_head_DxV, xs):
+    h_BxCxD, t_BxC, g_BxC = xs
+    probs_BxCxV = jax.nn.softmax(h_BxCxD @ head_DxV, axis=-1)
+    d_logits_BxCxV = (probs_BxCxV - jax.nn.one_hot(t_BxC, head_DxV.shape[1])) * g_BxC[..., None]
+    d_head_DxV += jnp.einsum("bcd,bcv->dv", h_BxCxD, d_logits_BxCxV)
+    return d_head_DxV, d_logits_BxCxV @ head_DxV.T
+
+  d_head_DxV, d_hidden = jax.lax.scan(
+      step, jnp.zeros_like(head_DxV),
+      (_by_chunk(hidden_BxLxD, chunk), _by_chunk(targets_BxL, chunk),
+       _by_chunk(g_nll_BxL, chunk)))
+  return _from_chunks(d_hidden), d_head_DxV, None
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+
+
+def reconstruction_loss(hidden_BxLxD: jax.Array, head_DxV: jax.Array, tokens_BxL: jax.Array,
                         weights_BxL: jax.Array) -> tuple[jax.Array, Metrics]:
   """Mean token cross-entropy over weighted tokens, and token accuracy.
 
   Args:
-    logits_BxLxV: the LM head's logits for each document token row.
+    hidden_BxLxD: the reconstructor's row for each document token.
+    head_DxV: the LM head as one matrix (`t5.Transformer.lm_head`): logits = hidden @ head.
     tokens_BxL: int target tokens (the document itself).
     weights_BxL: 0/1 (or real) weights; use `reconstructor.target_mask` (non-pad, non-EOS).
 
@@ -67,7 +151,8 @@ def reconstruction_loss(logits_BxLxV: jax.Array, tokens_BxL: jax.Array,
     (loss, {reconstruction_loss, reconstruction_accuracy, reconstruction_tokens}); the loss is
     the weighted mean over all tokens of the batch (0 if there are none).
   """
-  loss, accuracy, num_tokens = token_cross_entropy(logits_BxLxV, tokens_BxL, weights_BxL)
+  loss, accuracy, num_tokens = chunked_token_cross_entropy(
+      hidden_BxLxD, head_DxV, tokens_BxL, weights_BxL)
   return loss, {
       "reconstruction_loss": loss,
       "reconstruction_accuracy": accuracy,

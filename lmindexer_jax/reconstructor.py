@@ -6,7 +6,7 @@ followed by the document's own token embeddings. Each document token i gets one 
 carries only ID information, and attends to every ID slot and to a random subset of the OTHER
 tokens, never to itself: to predict token i the model must use the ID (RetroMAE-style "enhanced
 decoding", as the reference's `reconstruct_decoder.py`). The caller scores the returned hidden
-states with `t5.Transformer.logits_from_hidden` and `losses.reconstruction_loss`.
+states with `losses.reconstruction_loss` under `t5.Transformer.lm_head`.
 
 Shape letters: B batch, L document length, C ID slots, S = C + L keys, D emb_dim, H heads,
 M query rows (C * L in 'streams' mode).

@@ -562,6 +562,15 @@ class Transformer(nn.Module):
     """The shared token embeddings of `tokens` ([..., D], compute dtype, no scaling)."""
     return self.token_embedder(tokens)
 
+  def lm_head(self) -> jax.Array:
+    """The LM head as one float32 matrix [D, V]: `logits_from_hidden(h)` is `h @ lm_head()`
+    (up to rounding), for losses that score hidden rows themselves
+    (`losses.chunked_token_cross_entropy`)."""
+    cfg = self.config
+    if cfg.logits_via_embedding:
+      return self.token_embedder.embedding.T * cfg.emb_dim**-0.5
+    return nn.unbox(self.logits_dense.variables["params"]["kernel"]).astype(jnp.float32)
+
   def logits_from_hidden(self, hidden_BxTxD: jax.Array) -> jax.Array:
     """Scores decoder hidden states with the LM head; returns float32 logits [B, T, V]."""
     cfg = self.config

@@ -1,7 +1,9 @@
 """Behaviour of the loss terms: hand computations, masking, and what each term may see."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lmindexer_jax import losses
 from lmindexer_jax.vocabularies import IdLayout
@@ -16,15 +18,40 @@ def _log_softmax(x):
 
 def test_reconstruction_loss_is_the_weighted_token_mean():
   rng = np.random.default_rng(0)
-  logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+  hidden = rng.normal(size=(2, 3, 4)).astype(np.float32)
+  head = rng.normal(size=(4, 5)).astype(np.float32)
+  logits = hidden @ head
   tokens = np.array([[1, 2, 3], [4, 0, 0]])
   weights = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
-  loss, metrics = losses.reconstruction_loss(logits, tokens, weights)
+  loss, metrics = losses.reconstruction_loss(hidden, head, tokens, weights)
   nll = -np.take_along_axis(_log_softmax(logits), tokens[..., None], -1)[..., 0]
   np.testing.assert_allclose(loss, (nll * weights).sum() / 3, rtol=1e-5)
   correct = (logits.argmax(-1) == tokens) * weights
   np.testing.assert_allclose(metrics["reconstruction_accuracy"], correct.sum() / 3, rtol=1e-6)
   assert float(metrics["reconstruction_tokens"]) == 3
+
+
+@pytest.mark.parametrize("max_chunk_logits", [1, 3 * 7 * 11, 10**9])  # 1, 3 of 7, all columns
+def test_chunked_cross_entropy_equals_the_full_one_with_gradients(max_chunk_logits):
+  rng = np.random.default_rng(3)
+  hidden = jnp.asarray(rng.normal(size=(3, 7, 4)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(4, 11)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 11, size=(3, 7)))
+  weights = jnp.asarray(rng.random((3, 7)) > 0.3, jnp.float32)
+
+  def chunked(h, w):
+    return losses.chunked_token_cross_entropy(h, w, tokens, weights,
+                                              max_chunk_logits=max_chunk_logits)
+
+  def full(h, w):
+    return losses.token_cross_entropy(h @ w, tokens, weights)
+
+  for got, want in zip(jax.jit(chunked)(hidden, head), full(hidden, head), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  got = jax.grad(lambda h, w: chunked(h, w)[0], argnums=(0, 1))(hidden, head)
+  want = jax.grad(lambda h, w: full(h, w)[0], argnums=(0, 1))(hidden, head)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
 
 
 def test_in_batch_contrastive_equals_hand_computation():

@@ -177,6 +177,9 @@ def test_hidden_embed_and_logits_from_hidden(model_and_params):
   assert hidden.shape == (*DECODER_TOKENS.shape, cfg.emb_dim)
   again = model.apply({"params": params}, hidden, method=model.logits_from_hidden)
   np.testing.assert_allclose(again, logits, atol=1e-6)
+  head = model.apply({"params": params}, method=model.lm_head)
+  assert head.shape == (cfg.emb_dim, cfg.vocab_size) and head.dtype == jnp.float32
+  np.testing.assert_allclose(hidden @ head, logits, atol=1e-5)
   embedding = params["token_embedder"]["embedding"]
   if cfg.logits_via_embedding:  # hidden is taken before the emb_dim**-0.5 rescale
     np.testing.assert_allclose(logits, hidden * cfg.emb_dim**-0.5 @ embedding.T, atol=1e-4)
