@@ -337,7 +337,8 @@ def test_decode_ids_on_8_device_mesh_equals_one_device():
     assert len(sharded.codes.sharding.device_set) == 8
     assert sharded.scores.sharding.shard_shape((8, 5)) == (8 // (8 // num_partitions), 5)
     np.testing.assert_array_equal(sharded.codes, single.codes)
-    np.testing.assert_allclose(sharded.scores, single.scores, atol=1e-5)
+    # float32 sums of log-probs near -12 differ in their last bits with the partitioning.
+    np.testing.assert_allclose(sharded.scores, single.scores, rtol=2e-6, atol=1e-5)
 
 
 # ------------------------------ Hugging Face parity -----------------------------------------
