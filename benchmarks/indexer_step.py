@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
     _time(f"loss_and_grad/{name}", jax.value_and_grad(model.loss_fn, has_aux=True),
           params, batch, rng)
 
-  # The reconstruction loss alone, at position 1's shapes.
+  # The reconstruction loss alone, at the training batch's shapes ([B, L] tokens, [D, V] head).
   tokens_BxL = batch["encoder_input_tokens"]
   weights_BxL = reconstructor.target_mask(tokens_BxL)
   hidden_BxLxD = jax.random.normal(rng, (*tokens_BxL.shape, t5_config.emb_dim))
