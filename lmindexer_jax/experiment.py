@@ -24,8 +24,10 @@ MODEL_DIR or delete the sub-runs it affects.)
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
+from concurrent import futures
 import dataclasses
 import json
+import multiprocessing
 import os
 import time
 from typing import Any
@@ -138,6 +140,57 @@ def use_compilation_cache(directory: str | None) -> None:
   compilation_cache.reset_cache()  # Else a process that compiled before ignores the change.
 
 
+@dataclasses.dataclass(frozen=True)
+class _SubRun:
+  """One fine-tuning run and its evaluation: `finetune_run(**finetune)`, `evaluate(**evaluate)`."""
+
+  label: str
+  finetune: dict[str, Any]
+  evaluate: dict[str, Any]
+
+  def __call__(self) -> None:
+    steps = self.finetune["config"].train_steps
+    _say(f"[3/4] {self.label}: fine-tune {steps} steps from {self.finetune['init']} in "
+         f"{self.finetune['model_dir']}")
+    step = finetune_run(**self.finetune)
+    if step < steps:
+      raise RuntimeError(f"{self.finetune['model_dir']} stopped at step {step} (preempted): run "
+                         "the job again")
+    _say(f"[4/4] {self.label}: evaluate on {self.evaluate['split']}")
+    eval_lib.evaluate(**self.evaluate)
+
+
+def _start_worker(task_settings: Sequence[Any], cache_dir: str | None) -> None:
+  settings.configure(*task_settings)
+  if cache_dir:
+    use_compilation_cache(cache_dir)
+
+
+def _run_all(sub_runs: Sequence[_SubRun], workers: int, cache_dir: str | None) -> None:
+  """Runs every sub-run, up to `workers` at once in fresh processes.
+
+  A tiny model's step keeps about one core busy, so on a 2-core machine two runs at once take
+  little longer than one. Each sub-run writes its own directory, so nothing is shared but the
+  compilation cache. With several hosts (`jax.distributed`) every host must run the same
+  program in step, so there the runs go one after another.
+  """
+  if workers <= 1 or len(sub_runs) <= 1 or jax.process_count() > 1:
+    for sub_run in sub_runs:
+      sub_run()
+    return
+  # "spawn": a forked child would inherit this process's XLA runtime and threads.
+  with futures.ProcessPoolExecutor(
+      min(workers, len(sub_runs)), mp_context=multiprocessing.get_context("spawn"),
+      initializer=_start_worker, initargs=(settings.active(), cache_dir)) as pool:
+    done = [pool.submit(sub_run) for sub_run in sub_runs]
+    try:
+      for future in futures.as_completed(done):
+        future.result()  # A sub-run's error, raised here.
+    except BaseException:
+      pool.shutdown(wait=False, cancel_futures=True)
+      raise
+
+
 def _say(message: str) -> None:
   print(f"[experiment] {message}", flush=True)
 
@@ -159,6 +212,7 @@ def run(
     seed: int = 0,
     partitioner: partitioning.Partitioner | None = None,
     compilation_cache: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
   """Runs (or resumes) the whole comparison; returns what `results.json` holds.
 
@@ -185,8 +239,9 @@ def run(
   start = time.time()
   finetune_config = finetune_config or FinetuneConfig()
   train.prepare_model_dir(model_dir)
-  if compilation_cache:
-    use_compilation_cache(os.path.join(model_dir, "jax_cache"))
+  cache_dir = os.path.join(model_dir, "jax_cache") if compilation_cache else None
+  if cache_dir:
+    use_compilation_cache(cache_dir)
   index_dir = os.path.join(model_dir, "index")
   id_files = {LEARNED: os.path.join(index_dir, semantic_ids.FILE_NAME)}
   _say(f"[1/4] indexing {index_task} in {index_dir}")
@@ -212,28 +267,30 @@ def run(
                              "finetune": dataclasses.asdict(finetune_config),
                              "disambiguation_size": disambiguation_size, "tasks": {}}
   runs = [(task, scheme) for task in tasks for scheme in id_files]
+  to_do = []
   for i, (task, scheme) in enumerate(runs, start=1):
-    task_name = finetune.dataset_task(index_task, task)
     run_dir = os.path.join(model_dir, task, scheme)
-    metrics_path = os.path.join(run_dir, eval_lib.METRICS_FILE.format(split=split))
-    run_init = learned_init if scheme == LEARNED and learned_init else init
-    if os.path.exists(metrics_path):
+    if os.path.exists(os.path.join(run_dir, eval_lib.METRICS_FILE.format(split=split))):
       _say(f"[3/4] run {i}/{len(runs)} {task} x {scheme}: done before, skipped")
-      with open(metrics_path) as f:
-        result = json.load(f)
-    else:
-      _say(f"[3/4] run {i}/{len(runs)} {task} x {scheme}: fine-tune {finetune_config.train_steps} "
-           f"steps from {run_init} in {run_dir}")
-      step = finetune_run(
-          model_dir=run_dir, task_name=task_name, id_file=id_files[scheme], t5_config=t5_config,
-          input_length=tasks[task], config=finetune_config, init=run_init,
-          index_dir=index_dir, seed=seed, partitioner=partitioner,
-          disambiguation_size=disambiguation_size)
-      if step < finetune_config.train_steps:
-        raise RuntimeError(f"{run_dir} stopped at step {step} (preempted): run the job again")
-      _say(f"[4/4] run {i}/{len(runs)} {task} x {scheme}: evaluate on {split}")
-      result = eval_lib.evaluate(run_dir, split=split, beam_size=beam_size,
-                                 batch_size=eval_batch_size, verbose=False)
+      continue
+    to_do.append(_SubRun(
+        label=f"run {i}/{len(runs)} {task} x {scheme}",
+        finetune=dict(
+            model_dir=run_dir, task_name=finetune.dataset_task(index_task, task),
+            id_file=id_files[scheme], t5_config=t5_config, input_length=tasks[task],
+            config=finetune_config,
+            init=learned_init if scheme == LEARNED and learned_init else init,
+            index_dir=index_dir, seed=seed,
+            partitioner=partitioner and dataclasses.replace(partitioner),
+            disambiguation_size=disambiguation_size),
+        evaluate=dict(model_dir=run_dir, split=split, beam_size=beam_size,
+                      batch_size=eval_batch_size, verbose=False)))
+  _run_all(to_do, workers, cache_dir)
+
+  for task, scheme in runs:
+    run_dir = os.path.join(model_dir, task, scheme)
+    with open(os.path.join(run_dir, eval_lib.METRICS_FILE.format(split=split))) as f:
+      result = json.load(f)
     entry = {
         **result["metrics"],
         "invalid_ids": result["invalid_ids"],

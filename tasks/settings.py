@@ -39,6 +39,11 @@ def configure_from(factory: Callable[[type], Any | None]) -> None:
   configure(*(c for c in map(factory, CONFIG_CLASSES) if c is not None))
 
 
+def active() -> tuple[Any, ...]:
+  """The configured instances, e.g. for another process: `configure(*active())` there."""
+  return tuple(_ACTIVE.values())
+
+
 def reset() -> None:
   """Back to the defaults (`cls()`) for every class."""
   _ACTIVE.clear()

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 import flax.linen as nn
@@ -66,7 +67,7 @@ def fake_indexer(calls: list, *, model_dir: str) -> dict:
   return {}
 
 
-def _run(model_dir, calls):
+def _run(model_dir, calls, workers=1):
   make_ids = functools.partial(id_pipeline.make_ids, index_task=INDEX_TASK,
                                codebook_sizes=CODEBOOKS, max_length=24)
   config = rqvae.RqVaeConfig(latent_dim=8, hidden_dims=(32,), num_steps=20, batch_size=64,
@@ -79,7 +80,8 @@ def _run(model_dir, calls):
       finetune_config=experiment.FinetuneConfig(train_steps=8, batch_size=16, warmup_steps=2,
                                                 target_length=4, log_period=4),
       learned_init="indexer", beam_size=10, eval_batch_size=32,
-      partitioner=partitioning.Partitioner(num_devices=1), compilation_cache=True)
+      partitioner=partitioning.Partitioner(num_devices=1), compilation_cache=True,
+      workers=workers)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,8 @@ def job(tmp_path_factory):
   calls = []
   try:
     with settings.configured(TINY):
-      first = _run(model_dir, calls)
+      # Two worker processes: they read the corpus settings configured here.
+      first = _run(model_dir, calls, workers=2)
       yield model_dir, calls, first
   finally:
     experiment.use_compilation_cache(None)
@@ -136,6 +139,23 @@ def test_rerun_skips_finished_sub_runs(job, capsys):
   assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
   first = dict(first, seconds_this_call=None)
   assert dict(again, seconds_this_call=None) == first
+
+
+def test_a_run_trained_here_equals_the_one_trained_in_a_worker(job, capsys):
+  model_dir, calls, first = job
+  redo = model_dir / "retrieval_indexing" / "learned"
+
+  def losses():
+    lines = (redo / "metrics.jsonl").read_text().splitlines()
+    return [(row["step"], row["loss"]) for row in map(json.loads, lines)]
+
+  trained = losses()
+  shutil.rmtree(redo)
+  with settings.configured(TINY):
+    again = _run(model_dir, calls, workers=1)
+  assert "fine-tune 8 steps from indexer" in capsys.readouterr().out
+  assert losses() == trained
+  assert dict(again, seconds_this_call=None) == dict(first, seconds_this_call=None)
 
 
 def test_gin_files_parse(monkeypatch):
