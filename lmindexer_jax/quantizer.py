@@ -11,7 +11,8 @@ Two quantizers share one output type, `QuantizeOutput`:
   train step applies the module with `mutable=['codebook_ema']`.
 
 `Quantizer` is the Flax module holding either codebook; `load_centers` / `codebook_of` move k-means
-centres in and the codebook out of a variables tree. `codebook_usage` gives usage statistics.
+centres in and the codebook out of a variables tree; `fit_codebook` finds the straight-through
+codebook whose argmax gives codes chosen elsewhere. `codebook_usage` gives usage statistics.
 
 Shape letters: B batch, D emb_dim, K codebook size, N assigned rows (any number of docs).
 """
@@ -25,6 +26,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 STRAIGHT_THROUGH = "straight_through"
 EMA_VQ = "ema_vq"
@@ -271,6 +273,56 @@ class Quantizer(nn.Module):
           h_BxD, out.codes_B, codebook.value, cluster_size.value, embed_sum.value,
           decay=cfg.ema_decay, epsilon=cfg.ema_epsilon, weights_B=weights_B)
     return out
+
+
+def fit_codebook(h_NxD: Any, codes_N: Any, num_codes: int, *, normalize: bool = False,
+                 steps: int = 500, learning_rate: float = 0.05) -> np.ndarray:
+  """The codebook E whose straight-through logits h.E best predict `codes_N`, at h's mean norm.
+
+  When the codes come from clustering something other than h itself (e.g. what the
+  reconstructor decodes from h), the quantizer needs codewords that reproduce them: E is the
+  softmax regression of the codes on h under the quantizer's own logits (no bias, like the
+  quantizer; times a fitted common scale), by full-batch Adam from the codes' mean directions.
+  The rows are then scaled by one common factor so their mean norm is h's mean norm, as k-means
+  codewords are (`index_pipeline.codebook_from_centers`); a common factor keeps every argmax.
+
+  Args:
+    h_NxD: float representations.
+    codes_N: int target codes in [0, num_codes).
+    num_codes: K.
+    normalize: cosine logits, as `straight_through_quantize(normalize=True)`.
+    steps, learning_rate: the Adam fit.
+
+  Returns:
+    float32 [K, D] codebook.
+  """
+  h_NxD = jnp.asarray(h_NxD, jnp.float32)
+  codes_N = jnp.asarray(codes_N, jnp.int32)
+  onehot_NxK = jax.nn.one_hot(codes_N, num_codes, dtype=jnp.float32)
+  # Start: each code's mean direction of h (a zero row for an unused code).
+  start_KxD = _l2_normalize(onehot_NxK.T @ _l2_normalize(h_NxD))
+  h_norm = jnp.mean(jnp.linalg.norm(h_NxD, axis=-1))
+  # Fit in units of h's norm, so one learning rate suits any scale of h.
+  x_NxD = h_NxD / h_norm
+
+  def loss(fit):
+    codebook_KxD, log_scale = fit
+    logits_NxK = straight_through_quantize(x_NxD, codebook_KxD, normalize=normalize).logits_BxK
+    # A free common scale (cosine logits are bounded by 1); it changes no argmax.
+    return optax.softmax_cross_entropy(jnp.exp(log_scale) * logits_NxK, onehot_NxK).mean()
+
+  optimizer = optax.adam(learning_rate)
+
+  def step(carry, _):
+    fit, opt_state = carry
+    updates, opt_state = optimizer.update(jax.grad(loss)(fit), opt_state)
+    return (optax.apply_updates(fit, updates), opt_state), None
+
+  start = (start_KxD, jnp.zeros((), jnp.float32))
+  ((codebook_KxD, _), _), _ = jax.jit(lambda fit: jax.lax.scan(
+      step, (fit, optimizer.init(fit)), None, length=steps))(start)
+  scale = h_norm / jnp.mean(jnp.linalg.norm(codebook_KxD, axis=-1))
+  return np.asarray(codebook_KxD * scale, np.float32)
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

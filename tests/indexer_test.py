@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +22,11 @@ from lmindexer_jax import index_pipeline
 from lmindexer_jax import indexer
 from lmindexer_jax import indexer_manifest
 from lmindexer_jax import kmeans
+from lmindexer_jax import metrics
 from lmindexer_jax import models
 from lmindexer_jax import partitioning
 from lmindexer_jax import quantizer
+from lmindexer_jax import reconstructor
 from lmindexer_jax import t5
 from lmindexer_jax import train
 from lmindexer_jax import vocabularies
@@ -302,6 +305,89 @@ def test_codebook_from_centers_keeps_the_kmeans_assignment():
   np.testing.assert_array_equal(codes_N, np.asarray(result.assignments_N))
   np.testing.assert_allclose(np.linalg.norm(codebook_KxD, axis=1),
                              np.linalg.norm(h_NxD, axis=1).mean(), rtol=1e-5)
+
+
+def _init_params(module, batch):
+  variables = module.init({"params": jax.random.PRNGKey(0)}, batch["encoder_input_tokens"],
+                          batch["prefix_codes"])
+  return jax.tree.map(np.asarray, nn.unbox(variables["params"]))
+
+
+@pytest.mark.parametrize("position", [0, 1])
+def test_id_token_distribution_is_the_reconstruction_from_the_id_alone(position):
+  """A row that sees no document token: the reconstructor's rows under a mask hiding every
+  document key (mask ratio 1) all equal it."""
+  module = _module()
+  batch = _batch(1)
+  tokens, prefix = batch["encoder_input_tokens"], batch["prefix_codes"][:, :position]
+  params = _init_params(module, batch)
+  variables = {"params": params}
+  probs_BxV = np.asarray(module.apply(variables, tokens, prefix,
+                                      method=indexer.SemanticIndexer.id_token_distribution))
+  np.testing.assert_allclose(probs_BxV.sum(-1), 1.0, rtol=1e-5)
+  h_BxD, _ = module.apply(variables, tokens, prefix, enable_dropout=False,
+                          method=indexer.SemanticIndexer.represent)
+  hidden_mask = reconstructor.sample_reconstruction_mask(
+      jax.random.PRNGKey(0), tokens, position + 1, 1.0)
+  rows_BxLxD = module.apply(variables, h_BxD, prefix, tokens, hidden_mask, enable_dropout=False,
+                            method=indexer.SemanticIndexer.reconstruct)
+  head_DxV = module.apply(variables, method=indexer.SemanticIndexer.lm_head)
+  row_probs_BxLxV = jax.nn.softmax(np.asarray(rows_BxLxD) @ np.asarray(head_DxV), axis=-1)
+  # Row 0 exactly; later rows differ only by the slots' relative-position bias (one slot: none).
+  np.testing.assert_allclose(row_probs_BxLxV[:, 0], probs_BxV, rtol=1e-4, atol=1e-7)
+  if position == 0:
+    np.testing.assert_allclose(row_probs_BxLxV, np.broadcast_to(
+        probs_BxV[:, None], row_probs_BxLxV.shape), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("features", index_pipeline.KMEANS_FEATURES)
+def test_initial_codebook_gives_its_clusters_through_the_quantizer(features):
+  """k-means on h_t or on the decoded features; either way E_t sits at h_t's mean norm and
+  argmax h_t.E_t gives (nearly all of) the k-means clusters."""
+  module = _module(quantizer_normalize=False)
+  batch = _batch(1)
+  params = _init_params(module, batch)
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(3, 40, size=(64, 10)).astype(np.int32)
+  prefix = rng.integers(0, 4, size=(64, 1)).astype(np.int32)
+  schedule = index_pipeline.Schedule(kmeans_features=features, kmeans_restarts=2,
+                                     kmeans_feature_dim=16, eval_batch_size=32)
+  partitioner = partitioning.Partitioner(num_devices=1)
+  codebook_KxD, codes_N, _ = index_pipeline.initial_codebook(
+      module, params, 1, tokens, prefix, schedule, partitioner, seed=0)
+  assert codebook_KxD.shape == (3, 16)
+  h_NxD = index_pipeline.encode_corpus(module, params, tokens, prefix, partitioner, 32)
+  np.testing.assert_allclose(np.linalg.norm(codebook_KxD, axis=1).mean(),
+                             np.linalg.norm(h_NxD, axis=1).mean(), rtol=1e-4)
+  np.testing.assert_array_equal(codes_N, np.argmax(h_NxD @ codebook_KxD.T, axis=1))
+  if features == "decoded":
+    features_NxF = index_pipeline.decoded_features(module, params, tokens, prefix, partitioner,
+                                                   32, feature_dim=16, seed=1)
+    assert features_NxF.shape == (64, 16)  # projected: V = 47 > 16
+    # Position 2 clusters what differs within each prefix group.
+    means_GxF = np.stack([features_NxF[prefix[:, 0] == g].mean(0) for g in range(4)])
+    points = features_NxF - means_GxF[prefix[:, 0]]
+  else:
+    points = h_NxD
+  clusters = kmeans.kmeans(points, 3, rng=jax.random.PRNGKey(1), num_iters=100, num_restarts=2,
+                           distance="l2" if features == "decoded" else "cosine").assignments_N
+  assert metrics.ami(np.asarray(clusters), codes_N) > 0.8
+
+
+def test_decoded_features_are_hellinger_coordinates():
+  """Without projection, rows are sqrt of distributions: unit norm, and their distance is
+  sqrt(2) x the Hellinger distance."""
+  module = _module()
+  batch = _batch(1)
+  params = _init_params(module, batch)
+  tokens, prefix = batch["encoder_input_tokens"], batch["prefix_codes"]
+  partitioner = partitioning.Partitioner(num_devices=1)
+  features_NxV = index_pipeline.decoded_features(module, params, tokens, prefix, partitioner, 8,
+                                                 feature_dim=256, seed=0)
+  probs_NxV = np.asarray(module.apply({"params": params}, tokens, prefix,
+                                      method=indexer.SemanticIndexer.id_token_distribution))
+  np.testing.assert_allclose(features_NxV, np.sqrt(probs_NxV), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.linalg.norm(features_NxV, axis=1), 1.0, rtol=1e-5)
 
 
 def _unboxed_params(model, batch):

@@ -159,3 +159,20 @@ def test_codebook_usage_on_a_known_assignment():
   assert float(stats["codes_used"]) == 1
   np.testing.assert_allclose(stats["usage_perplexity"], 1.0)
   np.testing.assert_allclose(stats["max_ratio"], 1.0)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fit_codebook_reproduces_codes_chosen_elsewhere(normalize):
+  """Codes given by a linear rule that is not the codebook's own (e.g. clusters of another view
+  of h): the fitted codebook's argmax gives them, at h's mean norm."""
+  rng = np.random.default_rng(0)
+  h_NxD = (3.0 * rng.normal(size=(500, 8))).astype(np.float32)
+  rule_DxK = rng.normal(size=(8, 5))
+  rule_DxK /= np.linalg.norm(rule_DxK, axis=0)  # equal norms: a cosine codebook can express it
+  codes_N = np.argmax(h_NxD @ rule_DxK, axis=1)
+  codebook_KxD = qz.fit_codebook(h_NxD, codes_N, 5, normalize=normalize, steps=1000)
+  fitted_N = np.asarray(qz.straight_through_quantize(
+      h_NxD, codebook_KxD, normalize=normalize).codes_B)
+  assert np.mean(fitted_N == codes_N) > 0.97
+  np.testing.assert_allclose(np.linalg.norm(codebook_KxD, axis=1).mean(),
+                             np.linalg.norm(h_NxD, axis=1).mean(), rtol=1e-5)
