@@ -21,8 +21,10 @@ quickstart: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Two pytest workers, each taking whole test files (module fixtures then run once): many tests
+# wait on subprocesses or compile on one core.
 test: install lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -28,6 +28,7 @@ _INSTALL_REQUIRES = [
 
 _TEST_REQUIRES = [
     "pytest==9.2.0",
+    "pytest-xdist==3.8.0",
     "ruff==0.17.6",
     # The CPU wheel lies on the machine; an unpinned torch pulls a multi-GB CUDA build.
     "torch==2.13.0",
