@@ -16,6 +16,12 @@ over the allowed codes; not comparable in scores). Each measurement runs `max(re
 ceil(min_queries / batch))` batches after one warm-up batch (which compiles ours). Prints
 one JSON line per (implementation, mode, batch size) and a ratio line per (mode, batch size);
 the first timed batch also reports how often HF's and our exact top-1 IDs agree.
+
+A "ceiling" line per batch size bounds any exact decoder on this machine from below in time:
+each decoding step must read the decoder's weights and the whole [D, V] head (exact scores
+normalise over every token), and the query the encoder's, once per batch; divided by the
+rate at which XLA:CPU streams a weight matrix through a matrix-vector product here, that is
+the fastest a memory-bound batch can go (FLOPs are not counted, so the true bound is lower).
 """
 
 import json
@@ -83,6 +89,41 @@ def _prefix_allowed_tokens_fn(trie: decoding.Trie, layout: vocabularies.IdLayout
   return fn
 
 
+def _weight_bytes(params, num_positions: int, vocab_size: int, emb_dim: int) -> dict:
+  """Bytes of float32 weights one batch must read: encoder once, then per step the decoder
+  (less the cross-attention keys/values, projected once per query) and the full head."""
+  import jax
+
+  sizes = {"encoder": 0, "decoder_step": 0, "cross_kv": 0}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = jax.tree_util.keystr(path)
+    if keys.startswith("['encoder']"):
+      sizes["encoder"] += leaf.size * 4
+    elif keys.startswith("['decoder']"):
+      cross_kv = "encoder_decoder_attention" in keys and ("'key'" in keys or "'value'" in keys)
+      sizes["cross_kv" if cross_kv else "decoder_step"] += leaf.size * 4
+  head = vocab_size * emb_dim * 4
+  return {"per_batch": sizes["encoder"] + sizes["cross_kv"]
+                       + num_positions * (sizes["decoder_step"] + head), **sizes, "head": head}
+
+
+def _streaming_gb_per_s(emb_dim: int, vocab_size: int, repeats: int = 20) -> float:
+  """GB/s of a jitted [1, D] x [D, V] product (the head's shape at batch 1): XLA:CPU's rate of
+  streaming weights on this machine."""
+  import jax
+  import jax.numpy as jnp
+
+  w_DxV = jax.random.normal(jax.random.PRNGKey(0), (emb_dim, vocab_size), jnp.float32)
+  x_1xD = jnp.ones((1, emb_dim), jnp.float32)
+  matvec = jax.jit(lambda x, w: x @ w)
+  jax.block_until_ready(matvec(x_1xD, w_DxV))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = matvec(x_1xD, w_DxV)
+  jax.block_until_ready(out)
+  return w_DxV.size * 4 * repeats / (time.perf_counter() - start) / 1e9
+
+
 def _emit(record: dict) -> None:
   print(json.dumps(record), flush=True)
 
@@ -115,6 +156,9 @@ def main(argv):
          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
          "load_average_1min": round(os.getloadavg()[0], 2)})
 
+  weights = _weight_bytes(params, positions, cfg.vocab_size, cfg.emb_dim)
+  gb_per_s = _streaming_gb_per_s(cfg.emb_dim, cfg.vocab_size)
+
   def queries(batch: int) -> np.ndarray:
     q = rng.integers(2, _BASE_VOCAB, size=(batch, _QUERY_LENGTH.value)).astype(np.int32)
     q[:, -1] = 1  # EOS
@@ -135,6 +179,10 @@ def main(argv):
     return codes_BxRxC - np.asarray(trie.token_starts), out.sequences_scores.numpy()
 
   for batch in (int(b) for b in _BATCH_SIZES.value):
+    _emit({"ceiling": "weight_streaming", "batch": batch,
+           "weight_mb_per_batch": round(weights["per_batch"] / 1e6, 1),
+           "head_mb": round(weights["head"] / 1e6, 1), "matvec_gb_per_s": round(gb_per_s, 2),
+           "max_queries_per_s": round(batch * gb_per_s * 1e9 / weights["per_batch"], 2)})
     num_batches = max(_REPEATS.value, math.ceil(_MIN_QUERIES.value / batch))
     batches = [queries(batch) for _ in range(num_batches)]
     rates = {}
