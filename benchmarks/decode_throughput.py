@@ -17,11 +17,12 @@ ceil(min_queries / batch))` batches after one warm-up batch (which compiles ours
 one JSON line per (implementation, mode, batch size) and a ratio line per (mode, batch size);
 the first timed batch also reports how often HF's and our exact top-1 IDs agree.
 
-A "ceiling" line per batch size bounds any exact decoder on this machine from below in time:
-each decoding step must read the decoder's weights and the whole [D, V] head (exact scores
-normalise over every token), and the query the encoder's, once per batch; divided by the
-rate at which XLA:CPU streams a weight matrix through a matrix-vector product here, that is
-the fastest a memory-bound batch can go (FLOPs are not counted, so the true bound is lower).
+A "ceiling" line per batch size bounds any exact decoder on this machine: each decoding step
+must read the decoder's weights and the whole [D, V] head (exact scores normalise over every
+token), and the query the encoder's, once per batch; divided by the rate at which XLA:CPU
+streams the head through a matrix-vector product here, that is the fastest a memory-bound
+batch can go. An optimistic bound: FLOPs are not counted, and the one repeated matrix may
+partly stay in cache where the decoder's 0.5 GB of weights cannot.
 """
 
 import json
