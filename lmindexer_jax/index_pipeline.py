@@ -264,10 +264,11 @@ def decoded_features(
     module: indexer.SemanticIndexer, params: Any, tokens_NxL: np.ndarray,
     prefix_codes_NxP: np.ndarray, partitioner: partitioning.Partitioner, batch_size: int,
     feature_dim: int, seed: int,
-) -> np.ndarray:
-  """sqrt(p(token | ID)) of every document (`SemanticIndexer.id_token_distribution`), float32
-  [N, min(V, feature_dim)]: Euclidean distances between them are Hellinger distances, kept
-  approximately by a seeded Gaussian projection when V > feature_dim."""
+) -> tuple[np.ndarray, np.ndarray]:
+  """(h_t, sqrt(p(token | ID))) of every document from one pass of the T5
+  (`SemanticIndexer.id_token_distribution`), float32 [N, D] and [N, min(V, feature_dim)]:
+  Euclidean distances between the features are Hellinger distances, kept approximately by a
+  seeded Gaussian projection when V > feature_dim."""
   vocab_size = module.t5_config.vocab_size
   projection_VxF = None
   if vocab_size > feature_dim:
@@ -276,13 +277,16 @@ def decoded_features(
                       ).astype(np.float32)
 
   def features(p, x, c, *projection):
-    probs_BxV = module.apply(indexer.variables(p), x, c,
-                             method=indexer.SemanticIndexer.id_token_distribution)
-    return jnp.sqrt(probs_BxV) @ projection[0] if projection else jnp.sqrt(probs_BxV)
+    probs_BxV, h_BxD = module.apply(indexer.variables(p), x, c,
+                                    method=indexer.SemanticIndexer.id_token_distribution)
+    root_BxF = jnp.sqrt(probs_BxV) @ projection[0] if projection else jnp.sqrt(probs_BxV)
+    return jnp.concatenate([h_BxD, root_BxF], axis=1)  # One [N, D + F] output to split.
 
   extra = () if projection_VxF is None else (projection_VxF,)
-  return _map_corpus(features, params, tokens_NxL, prefix_codes_NxP, partitioner, batch_size,
-                     *extra)
+  both_NxDF = _map_corpus(features, params, tokens_NxL, prefix_codes_NxP, partitioner,
+                          batch_size, *extra)
+  emb_dim = module.t5_config.emb_dim
+  return both_NxDF[:, :emb_dim], both_NxDF[:, emb_dim:]
 
 
 def initial_codebook(
@@ -293,16 +297,14 @@ def initial_codebook(
   """E_t from k-means (the kmeans_t stage): (codebook [K, D], the codes argmax h_t.E_t it
   gives every document [N], k-means inertia)."""
   k = module.config.codebook_sizes[position]
-  h_NxD = encode_corpus(module, params, tokens_NxL, prefix_codes_NxP, partitioner,
-                        schedule.eval_batch_size)
   run_kmeans = functools.partial(
       kmeans.kmeans, num_clusters=k, rng=jax.random.PRNGKey(seed + position),
       num_iters=schedule.kmeans_iters, num_restarts=schedule.kmeans_restarts,
       partitioner=partitioner)
   if schedule.kmeans_features == "decoded":
-    features_NxF = decoded_features(module, params, tokens_NxL, prefix_codes_NxP, partitioner,
-                                    schedule.eval_batch_size, schedule.kmeans_feature_dim,
-                                    seed + position)
+    h_NxD, features_NxF = decoded_features(
+        module, params, tokens_NxL, prefix_codes_NxP, partitioner, schedule.eval_batch_size,
+        schedule.kmeans_feature_dim, seed + position)
     if position:
       # A later position splits each prefix's group, so it clusters what differs within the
       # group (as residual k-means does); whole distributions would repeat the prefix.
@@ -315,6 +317,8 @@ def initial_codebook(
     codebook_KxD = quantizer.fit_codebook(h_NxD, result.assignments_N, k,
                                           normalize=module.config.quantizer_normalize)
   else:
+    h_NxD = encode_corpus(module, params, tokens_NxL, prefix_codes_NxP, partitioner,
+                          schedule.eval_batch_size)
     result = run_kmeans(h_NxD, distance="cosine")
     codebook_KxD = codebook_from_centers(np.asarray(result.centers_KxD), h_NxD)
   codes_N = quantizer.straight_through_quantize(

@@ -167,10 +167,10 @@ class SemanticIndexer(nn.Module):
         enable_dropout=enable_dropout, continuous_h_BxD=continuous_h_BxD)
 
   def id_token_distribution(self, tokens_BxL: jax.Array, prefix_codes_BxP: jax.Array
-                            ) -> jax.Array:
+                            ) -> tuple[jax.Array, jax.Array]:
     """What the ID says about the document: the reconstructor's token distribution (B x V, no
     dropout) for a row that sees the ID slots (prefix codes and the continuous h_t) and none
-    of the document's tokens.
+    of the document's tokens; and h_t (B x D) itself.
 
     `index_pipeline` can cluster these instead of h_t: they place documents by the words their
     ID predicts, a geometry the reconstructor defines, where h_t's own is arbitrary.
@@ -179,7 +179,7 @@ class SemanticIndexer(nn.Module):
     # A one-token document: its row never sees itself, so it reads the ID slots only.
     rows_Bx1xD = self.reconstruct(h_BxD, prefix_codes_BxP, tokens_BxL[:, :1], None,
                                   enable_dropout=False)
-    return jax.nn.softmax(rows_Bx1xD[:, 0].astype(jnp.float32) @ self.lm_head(), axis=-1)
+    return jax.nn.softmax(rows_Bx1xD[:, 0].astype(jnp.float32) @ self.lm_head(), axis=-1), h_BxD
 
   def lm_head(self) -> jax.Array:
     """The T5's LM head [D, V], which scores the reconstructor's rows."""

@@ -322,11 +322,13 @@ def test_id_token_distribution_is_the_reconstruction_from_the_id_alone(position)
   tokens, prefix = batch["encoder_input_tokens"], batch["prefix_codes"][:, :position]
   params = _init_params(module, batch)
   variables = {"params": params}
-  probs_BxV = np.asarray(module.apply(variables, tokens, prefix,
-                                      method=indexer.SemanticIndexer.id_token_distribution))
+  probs_BxV, h_BxD = module.apply(variables, tokens, prefix,
+                                  method=indexer.SemanticIndexer.id_token_distribution)
+  probs_BxV = np.asarray(probs_BxV)
   np.testing.assert_allclose(probs_BxV.sum(-1), 1.0, rtol=1e-5)
-  h_BxD, _ = module.apply(variables, tokens, prefix, enable_dropout=False,
-                          method=indexer.SemanticIndexer.represent)
+  represented_BxD, _ = module.apply(variables, tokens, prefix, enable_dropout=False,
+                                    method=indexer.SemanticIndexer.represent)
+  np.testing.assert_allclose(h_BxD, represented_BxD, rtol=1e-6)
   hidden_mask = reconstructor.sample_reconstruction_mask(
       jax.random.PRNGKey(0), tokens, position + 1, 1.0)
   rows_BxLxD = module.apply(variables, h_BxD, prefix, tokens, hidden_mask, enable_dropout=False,
@@ -361,8 +363,9 @@ def test_initial_codebook_gives_its_clusters_through_the_quantizer(features):
                              np.linalg.norm(h_NxD, axis=1).mean(), rtol=1e-4)
   np.testing.assert_array_equal(codes_N, np.argmax(h_NxD @ codebook_KxD.T, axis=1))
   if features == "decoded":
-    features_NxF = index_pipeline.decoded_features(module, params, tokens, prefix, partitioner,
-                                                   32, feature_dim=16, seed=1)
+    decoded_h_NxD, features_NxF = index_pipeline.decoded_features(
+        module, params, tokens, prefix, partitioner, 32, feature_dim=16, seed=1)
+    np.testing.assert_allclose(decoded_h_NxD, h_NxD, rtol=1e-5, atol=1e-6)
     assert features_NxF.shape == (64, 16)  # projected: V = 47 > 16
     # Position 2 clusters what differs within each prefix group.
     means_GxF = np.stack([features_NxF[prefix[:, 0] == g].mean(0) for g in range(4)])
@@ -382,10 +385,10 @@ def test_decoded_features_are_hellinger_coordinates():
   params = _init_params(module, batch)
   tokens, prefix = batch["encoder_input_tokens"], batch["prefix_codes"]
   partitioner = partitioning.Partitioner(num_devices=1)
-  features_NxV = index_pipeline.decoded_features(module, params, tokens, prefix, partitioner, 8,
-                                                 feature_dim=256, seed=0)
+  _, features_NxV = index_pipeline.decoded_features(module, params, tokens, prefix, partitioner,
+                                                    8, feature_dim=256, seed=0)
   probs_NxV = np.asarray(module.apply({"params": params}, tokens, prefix,
-                                      method=indexer.SemanticIndexer.id_token_distribution))
+                                      method=indexer.SemanticIndexer.id_token_distribution)[0])
   np.testing.assert_allclose(features_NxV, np.sqrt(probs_NxV), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(np.linalg.norm(features_NxV, axis=1), 1.0, rtol=1e-5)
 
