@@ -11,7 +11,9 @@ document at position t. The losses (weights in `IndexerConfig`):
 - contrastive: two dropout views of a document are positives; at t = 0 the rest of the global
   batch are negatives, at t > 0 documents sharing the prefix (`siblings.py`), so position t
   separates siblings;
-- commitment: the decoder keeps predicting the earlier codes (`losses.commitment_loss`).
+- commitment: the decoder keeps predicting the earlier codes (`losses.commitment_loss`);
+- code commitment (optional, not in the reference): the quantizer's logits keep choosing the
+  current code (`losses.code_commitment_loss`).
 
 This module holds the Flax module and its `models.BaseModel`; `index_pipeline.py` runs the
 progressive schedule over the corpus.
@@ -49,6 +51,9 @@ class IndexerConfig:
       corpus may want one and not the other.
     reconstruction_weight, contrastive_weight, commitment_weight: loss weights; 0 switches a
       term off (the "no reconstructor / no contrastive / no commitment" ablations).
+    code_commitment_weight: weight of `losses.code_commitment_loss` (straight-through
+      quantizer, every stage that quantizes): holds each document at its current code while the
+      encoder trains. 0, the reference, lets codes drift from the k-means start.
     quantizer_temperature: softmax temperature of the straight-through quantizer.
     gumbel_scale: Gumbel noise on the quantizer logits while training (0: none, the reference).
     quantizer_normalize: cosine instead of dot-product code logits.
@@ -67,6 +72,7 @@ class IndexerConfig:
   reconstruction_weight: float = 1.0
   contrastive_weight: float | tuple[float, float] = 1.0
   commitment_weight: float = 1.0
+  code_commitment_weight: float = 0.0
   quantizer_temperature: float = 1.0
   gumbel_scale: float = 0.0
   quantizer_normalize: bool = False
@@ -74,6 +80,11 @@ class IndexerConfig:
   ema_decay: float = 0.99
   vq_commitment_weight: float = 0.25
   reconstructor_config: reconstructor.ReconstructorConfig = reconstructor.ReconstructorConfig()
+
+  def __post_init__(self):
+    if self.code_commitment_weight and self.quantizer_kind != quantizer.STRAIGHT_THROUGH:
+      raise ValueError("code_commitment_weight is the straight-through quantizer's; the "
+                       f"{self.quantizer_kind!r} quantizer has vq_commitment_weight")
 
   def mask_ratio(self, position: int) -> float:
     return self.mask_ratios[0] if position == 0 else self.mask_ratios[1]
@@ -344,6 +355,10 @@ class IndexerModel(models.BaseModel):
         else:
           gumbel = rngs.get("gumbel") if cfg.gumbel_scale else None
           q = apply(SemanticIndexer.quantize, t, h_BxD, gumbel)
+          if cfg.code_commitment_weight:
+            loss, m = losses.code_commitment_loss(q.logits_BxK, q.codes_B)
+            total += cfg.code_commitment_weight * loss
+            metrics.update(m)
         id_h_BxD = q.quantized_BxD
         metrics["codes_used_in_batch"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
@@ -423,6 +438,10 @@ class IndexerModel(models.BaseModel):
             gumbel_rng=gumbel_rngs[t], gumbel_scale=cfg.gumbel_scale,
             normalize=cfg.quantizer_normalize)
         slots.append(q.quantized_BxD)
+        if cfg.code_commitment_weight:
+          loss, m = losses.code_commitment_loss(q.logits_BxK, q.codes_B)
+          total += cfg.code_commitment_weight * loss
+          metrics.update({f"{key}_{t + 1}": value for key, value in m.items()})
         metrics[f"codes_used_in_batch_{t + 1}"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
       loss, m = self._reconstruction_term(

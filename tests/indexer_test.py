@@ -22,6 +22,7 @@ from lmindexer_jax import index_pipeline
 from lmindexer_jax import indexer
 from lmindexer_jax import indexer_manifest
 from lmindexer_jax import kmeans
+from lmindexer_jax import losses
 from lmindexer_jax import metrics
 from lmindexer_jax import models
 from lmindexer_jax import partitioning
@@ -120,6 +121,35 @@ def test_contrastive_weight_per_position(position):
                                       rel=1e-5)
   assert module.config.contrastive_weight_at(0) == 0.0
   assert module.config.contrastive_weight_at(3) == 0.5
+
+
+@pytest.mark.parametrize("stage", [
+    indexer.Stage(0, use_codebook=False),
+    indexer.Stage(0, use_codebook=True),
+    indexer.Stage(1, use_codebook=True, joint=True),
+])
+def test_code_commitment_is_added_wherever_the_quantizer_runs(stage):
+  """The weighted pull towards the chosen codeword, per quantized position; none without one."""
+  module = _module(contrastive_weight=0.0, commitment_weight=0.0, code_commitment_weight=0.5)
+  model = indexer.IndexerModel(module, stage)
+  batch = {"encoder_input_tokens": _batch(0)["encoder_input_tokens"]}
+  params = _unboxed_params(model, batch)
+  loss, metrics = jax.jit(model.loss_fn)(params, batch, jax.random.PRNGKey(1))
+  names = (["code_commitment_loss_1", "code_commitment_loss_2"] if stage.joint
+           else ["code_commitment_loss"] * stage.use_codebook)
+  assert {name for name in metrics if name.startswith("code_commitment")} == set(names)
+  # The term itself: the quantizer's logits on their own argmax, as the metric says.
+  if not stage.joint and stage.use_codebook:
+    h, _ = module.apply(indexer.variables(params), batch["encoder_input_tokens"],
+                        np.zeros((8, 0), np.int32), enable_dropout=True,
+                        rngs={"dropout": jax.random.split(jax.random.PRNGKey(1), 5)[0]},
+                        method=indexer.SemanticIndexer.represent)
+    logits = h @ params["quantizers_0"]["codebook"].T
+    expected, _ = losses.code_commitment_loss(logits, jnp.argmax(logits, -1))
+    np.testing.assert_allclose(metrics["code_commitment_loss"], expected, rtol=1e-5)
+  expected = float(metrics["reconstruction_loss"]) + 0.5 * sum(
+      float(metrics[name]) for name in names)
+  assert float(loss) == pytest.approx(expected, rel=1e-5)
 
 
 def test_evaluation_mask_seed_fixes_a_training_ratio_mask():
@@ -525,3 +555,8 @@ def test_schedule_steps_per_position():
   schedule = index_pipeline.Schedule(nocode_steps=(300, 150), quantized_steps=100)
   assert [schedule.steps("nocode", t) for t in range(3)] == [300, 150, 150]
   assert [schedule.steps("quantized", t) for t in range(3)] == [100, 100, 100]
+
+
+def test_code_commitment_needs_the_straight_through_quantizer():
+  with pytest.raises(ValueError, match="vq_commitment_weight"):
+    indexer.IndexerConfig(code_commitment_weight=1.0, quantizer_kind=quantizer.EMA_VQ)

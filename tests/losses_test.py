@@ -179,3 +179,30 @@ def test_commitment_loss_is_zero_at_the_first_position():
   loss, metrics = losses.commitment_loss(np.ones((2, 1, 22), np.float32),
                                          np.zeros((2, 0), np.int32), LAYOUT)
   assert float(loss) == 0.0 and float(metrics["commitment_loss"]) == 0.0
+
+
+def test_code_commitment_loss_hand_value_and_its_pull_towards_the_chosen_codeword():
+  logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+  codes = jnp.argmax(logits, axis=-1)
+  loss, metrics = losses.code_commitment_loss(logits, codes)
+  row0 = np.log(1 + np.exp(-1) + np.exp(-2))  # -log softmax(2 | 2, 1, 0)
+  row1 = np.log(1 + 2 * np.exp(-5))
+  np.testing.assert_allclose(loss, (row0 + row1) / 2, rtol=1e-6)
+  np.testing.assert_allclose(metrics["code_confidence"], (np.exp(-row0) + np.exp(-row1)) / 2,
+                             rtol=1e-6)
+  # Through h.E, a step against the gradient moves h towards E[code] and widens its margin,
+  # most for the row nearest a boundary.
+  codebook_KxD = jnp.eye(3)
+  h_BxD = jnp.array([[1.0, 0.9, 0.0], [0.0, 0.0, 6.0]])
+  codes_B = jnp.argmax(h_BxD @ codebook_KxD.T, axis=-1)
+  grad_BxD = jax.grad(lambda h: losses.code_commitment_loss(h @ codebook_KxD.T, codes_B)[0])(
+      h_BxD)
+  stepped_BxD = h_BxD - grad_BxD
+
+  def margin(h):
+    logits = h @ codebook_KxD.T
+    return logits[jnp.arange(2), codes_B] - jnp.sort(logits, axis=-1)[:, -2]
+
+  gain_B = margin(stepped_BxD) - margin(h_BxD)
+  assert np.all(gain_B > 0) and gain_B[0] > 10 * gain_B[1]
+  np.testing.assert_array_equal(jnp.argmax(stepped_BxD, axis=-1), codes_B)
