@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import orbax.checkpoint as ocp
+from scipy import optimize
 import seqio
 
 from lmindexer_jax import checkpoints
@@ -74,6 +75,11 @@ class Schedule:
       clusters (`quantizer.fit_codebook`). On the synthetic corpus after 500 no-codebook
       steps, the position-1 codes k-means starts from reach AMI 0.82 against the top level
       with 'decoded', 0.65 with 'hidden' (gin/data/synthetic.gin has the runs).
+    kmeans_per_prefix: at t > 1 with 'decoded' features, k-means within each prefix group
+      (K_t clusters per group, numbered by `kmeans_within_groups`) instead of one k-means over
+      all groups' residuals. A codebook shared by the groups cannot reproduce such clusters
+      from h_t as it is, so they are the targets the quantized stage teaches (code commitment,
+      `indexer.IndexerConfig.code_commitment_weight`, which this needs).
     kmeans_feature_dim: 'decoded' features are projected to this many dimensions (a fixed
       Gaussian random projection, which keeps Euclidean distances) when the vocabulary is
       larger, so k-means holds [N, kmeans_feature_dim], not [N, V].
@@ -97,6 +103,7 @@ class Schedule:
   kmeans_restarts: int = 3
   kmeans_iters: int = 100
   kmeans_features: str = "hidden"
+  kmeans_per_prefix: bool = False
   kmeans_feature_dim: int = 1024
   eval_batch_size: int = 256
   checkpoint_period: int = 200
@@ -108,6 +115,9 @@ class Schedule:
     if self.kmeans_features not in KMEANS_FEATURES:
       raise ValueError(f"Schedule.kmeans_features must be one of {KMEANS_FEATURES}, got "
                        f"{self.kmeans_features!r}")
+    if self.kmeans_per_prefix and self.kmeans_features != "decoded":
+      raise ValueError("Schedule.kmeans_per_prefix clusters decoded features: it needs "
+                       "kmeans_features='decoded'")
 
   def steps(self, stage: str, position: int) -> int:
     """Steps of stage 'nocode' or 'quantized' at `position` (0-based)."""
@@ -164,11 +174,13 @@ class DocumentBatches(data.BatchIterator):
   Epoch e visits this process's documents in the order of a permutation seeded by (seed, e);
   batches never straddle epochs. The position (epoch, batch) is the whole state, so it is
   saved as JSON. At t > 0 each batch also carries the documents' prefix codes and
-  `num_negatives` siblings per document, sampled with a generator seeded by the position.
+  `num_negatives` siblings per document, sampled with a generator seeded by the position; given
+  `code_targets_N` (the quantized stages: the k-means codes), their `code_targets`.
   """
 
   def __init__(self, tokens_NxL: np.ndarray, batch_size: int, seed: int,
-               prefix_codes_NxP: np.ndarray | None = None, num_negatives: int = 0):
+               prefix_codes_NxP: np.ndarray | None = None, num_negatives: int = 0,
+               code_targets_N: np.ndarray | None = None):
     self._tokens = tokens_NxL
     self._docs = np.arange(len(tokens_NxL))[jax.process_index()::jax.process_count()]
     self._batch = batch_size // jax.process_count()
@@ -177,6 +189,7 @@ class DocumentBatches(data.BatchIterator):
     self._seed = seed
     self._prefix = prefix_codes_NxP
     self._num_negatives = num_negatives
+    self._targets = code_targets_N
     self._groups = None
     if prefix_codes_NxP is not None and prefix_codes_NxP.shape[1] > 0:
       self._groups = siblings.build_sibling_groups(siblings.prefix_group_ids(prefix_codes_NxP))
@@ -186,6 +199,8 @@ class DocumentBatches(data.BatchIterator):
   def element_spec(self):
     b, length = self._batch, self._tokens.shape[1]
     spec = {"encoder_input_tokens": jax.ShapeDtypeStruct((b, length), np.int32)}
+    if self._targets is not None:
+      spec["code_targets"] = jax.ShapeDtypeStruct((b,), np.int32)
     if self._groups is not None:
       g = self._num_negatives
       spec.update(
@@ -201,6 +216,8 @@ class DocumentBatches(data.BatchIterator):
     order = np.random.default_rng([self._seed, self._epoch]).permutation(self._docs)
     idx_B = order[self._position * self._batch:(self._position + 1) * self._batch]
     batch = {"encoder_input_tokens": self._tokens[idx_B]}
+    if self._targets is not None:
+      batch["code_targets"] = self._targets[idx_B].astype(np.int32)
     if self._groups is not None:
       rng = np.random.default_rng([self._seed, self._epoch, self._position, 1])
       neg_BxG, mask_BxG = siblings.sample_siblings(rng, idx_B, self._groups, self._num_negatives)
@@ -289,18 +306,71 @@ def decoded_features(
   return both_NxDF[:, :emb_dim], both_NxDF[:, emb_dim:]
 
 
+@dataclasses.dataclass(frozen=True)
+class InitialCodebook:
+  """What the kmeans_t stage gives the quantized stage.
+
+  Attributes:
+    codebook_KxD: E_t.
+    kmeans_codes_N: the k-means clusters, the codes the quantized stage holds documents at
+      (code commitment).
+    start_codes_N: argmax h_t.E_t, the codes the quantizer gives at the start (the k-means
+      clusters, except where a shared codebook cannot reproduce per-prefix clusters).
+    inertia: k-means inertia (summed over the groups when clustering per prefix).
+  """
+
+  codebook_KxD: np.ndarray
+  kmeans_codes_N: np.ndarray
+  start_codes_N: np.ndarray
+  inertia: float
+
+
+def kmeans_within_groups(
+    features_NxF: np.ndarray, group_N: np.ndarray, k: int, *, rng: jax.Array, num_iters: int,
+    num_restarts: int, partitioner: partitioning.Partitioner | None = None,
+) -> tuple[np.ndarray, float]:
+  """(codes [N], summed inertia): k-means with k clusters within each group (a group of at
+  most k rows: one code per row).
+
+  Each group's clusters are numbered by matching their centres to those of one k-means over
+  all rows (Hungarian, squared L2), so that a code points the same way in every group, which
+  helps a codebook shared by the groups learn them.
+  """
+  run = functools.partial(kmeans.kmeans, num_clusters=k, num_iters=num_iters,
+                          num_restarts=num_restarts, partitioner=partitioner)
+  shared_KxF = np.asarray(run(features_NxF, rng=rng).centers_KxD)
+  codes_N = np.zeros(len(features_NxF), np.int32)
+  inertia = 0.0
+  for g in np.unique(group_N):
+    rows = np.flatnonzero(group_N == g)
+    x_MxF = features_NxF[rows]
+    if len(rows) <= k:
+      local_M, centers_CxF = np.arange(len(rows)), x_MxF
+    else:
+      # Groups padded to the same power of two share one compiled k-means.
+      result = run(x_MxF, rng=jax.random.fold_in(rng, int(g) + 1),
+                   pad_to=1 << (len(rows) - 1).bit_length())
+      local_M, centers_CxF = np.asarray(result.assignments_N), np.asarray(result.centers_KxD)
+      inertia += float(result.inertia)
+    cost_CxK = ((centers_CxF[:, None] - shared_KxF[None]) ** 2).sum(-1)
+    local_ids, shared_ids = optimize.linear_sum_assignment(cost_CxK)
+    number_C = np.zeros(len(centers_CxF), np.int32)
+    number_C[local_ids] = shared_ids
+    codes_N[rows] = number_C[local_M]
+  return codes_N, inertia
+
+
 def initial_codebook(
     module: indexer.SemanticIndexer, params: Any, position: int, tokens_NxL: np.ndarray,
     prefix_codes_NxP: np.ndarray, schedule: "Schedule", partitioner: partitioning.Partitioner,
     seed: int,
-) -> tuple[np.ndarray, np.ndarray, float]:
-  """E_t from k-means (the kmeans_t stage): (codebook [K, D], the codes argmax h_t.E_t it
-  gives every document [N], k-means inertia)."""
+) -> InitialCodebook:
+  """E_t and its codes from k-means (the kmeans_t stage)."""
   k = module.config.codebook_sizes[position]
+  rng = jax.random.PRNGKey(seed + position)
   run_kmeans = functools.partial(
-      kmeans.kmeans, num_clusters=k, rng=jax.random.PRNGKey(seed + position),
-      num_iters=schedule.kmeans_iters, num_restarts=schedule.kmeans_restarts,
-      partitioner=partitioner)
+      kmeans.kmeans, num_clusters=k, rng=rng, num_iters=schedule.kmeans_iters,
+      num_restarts=schedule.kmeans_restarts, partitioner=partitioner)
   if schedule.kmeans_features == "decoded":
     h_NxD, features_NxF = decoded_features(
         module, params, tokens_NxL, prefix_codes_NxP, partitioner, schedule.eval_batch_size,
@@ -313,17 +383,25 @@ def initial_codebook(
       np.add.at(sums_GxF, group_N, features_NxF)
       means_GxF = sums_GxF / np.bincount(group_N)[:, None]
       features_NxF = (features_NxF - means_GxF[group_N]).astype(np.float32)
-    result = run_kmeans(features_NxF)
-    codebook_KxD = quantizer.fit_codebook(h_NxD, result.assignments_N, k,
+    if position and schedule.kmeans_per_prefix:
+      clusters_N, inertia = kmeans_within_groups(
+          features_NxF, group_N, k, rng=rng, num_iters=schedule.kmeans_iters,
+          num_restarts=schedule.kmeans_restarts, partitioner=partitioner)
+    else:
+      result = run_kmeans(features_NxF)
+      clusters_N, inertia = np.asarray(result.assignments_N), float(result.inertia)
+    codebook_KxD = quantizer.fit_codebook(h_NxD, clusters_N, k,
                                           normalize=module.config.quantizer_normalize)
   else:
     h_NxD = encode_corpus(module, params, tokens_NxL, prefix_codes_NxP, partitioner,
                           schedule.eval_batch_size)
     result = run_kmeans(h_NxD, distance="cosine")
+    clusters_N, inertia = np.asarray(result.assignments_N), float(result.inertia)
     codebook_KxD = codebook_from_centers(np.asarray(result.centers_KxD), h_NxD)
-  codes_N = quantizer.straight_through_quantize(
+  start_N = quantizer.straight_through_quantize(
       h_NxD, codebook_KxD, normalize=module.config.quantizer_normalize).codes_B
-  return codebook_KxD, np.asarray(codes_N, np.int32), float(result.inertia)
+  return InitialCodebook(codebook_KxD, clusters_N.astype(np.int32),
+                         np.asarray(start_N, np.int32), inertia)
 
 
 def assign_position(
@@ -460,6 +538,10 @@ def index(
     raise ValueError("Schedule.kmeans_features='decoded' fits a straight-through codebook to "
                      f"the clusters; the {config.quantizer_kind!r} quantizer picks the nearest "
                      "codeword")
+  if schedule.kmeans_per_prefix and not config.code_commitment_weight:
+    raise ValueError("Schedule.kmeans_per_prefix gives codes a shared codebook need not "
+                     "reproduce; the quantized stage teaches them through code commitment: set "
+                     "indexer.IndexerConfig.code_commitment_weight > 0")
   partitioner = partitioner or partitioning.Partitioner()
   corpus = load_corpus(index_task, max_length)
   n = len(corpus.doc_ids)
@@ -484,7 +566,7 @@ def index(
       _mark_done(stage_dir(name), info)
     return info
 
-  def train_stage(name, spec, steps, init, learning_rate=None):
+  def train_stage(name, spec, steps, init, learning_rate=None, code_targets_N=None):
     """Trains stage `name` to `steps` from params `init` (resuming, or skipped if finished).
 
     Returns its final parameters, or None if it was preempted.
@@ -500,7 +582,7 @@ def index(
       batches = DocumentBatches(
           corpus.tokens_NxL, schedule.batch_size, seed=seed + 7919 * len(stats["positions"]),
           prefix_codes_NxP=codes_NxC if spec.position else None,
-          num_negatives=config.num_negatives)
+          num_negatives=config.num_negatives, code_targets_N=code_targets_N)
       _say(f"stage {name}: {steps} steps")
       state = train.train(
           model=indexer.IndexerModel(module, spec), train_dataset_cfg=batches,
@@ -528,13 +610,19 @@ def index(
       return None
 
     def kmeans_stage(t=t, k=k, params=params, codes_NxC=codes_NxC):
-      codebook_KxD, start_N, inertia = initial_codebook(
+      init = initial_codebook(
           module, params, t, corpus.tokens_NxL, codes_NxC, schedule, partitioner, seed)
-      _save_array(os.path.join(stage_dir(f"kmeans_{t}"), "centers.npy"), codebook_KxD)
-      # The codes the quantized stage starts from, to compare with the codes it ends with.
-      start_NxC = np.concatenate([codes_NxC, start_N[:, None]], 1)
-      info = {"inertia": inertia, "kmeans_ami": _ami_per_level(
-          metrics.prefix_clusters(start_NxC, t + 1), corpus.labels_NxLv)}
+      _save_array(os.path.join(stage_dir(f"kmeans_{t}"), "centers.npy"), init.codebook_KxD)
+      _save_array(os.path.join(stage_dir(f"kmeans_{t}"), "codes.npy"), init.kmeans_codes_N)
+
+      def prefix_ami(new_N):
+        return _ami_per_level(metrics.prefix_clusters(
+            np.concatenate([codes_NxC, new_N[:, None]], 1), t + 1), corpus.labels_NxLv)
+
+      # The codes k-means found and those the quantized stage starts from, to compare with the
+      # codes it ends with.
+      info = {"inertia": init.inertia, "kmeans_ami": prefix_ami(init.kmeans_codes_N),
+              "start_ami": prefix_ami(init.start_codes_N)}
       if t == 0:
         # The two-stage baseline: k-means (same K) on the same model's warm-up representations.
         warm_h = encode_corpus(module, final_params(stage_dir("warmup")), corpus.tokens_NxL,
@@ -555,8 +643,8 @@ def index(
         indexer.variables(params), centers_KxD, path=(f"quantizers_{t}",)))
     params = train_stage(f"quantized_{t}", indexer.Stage(t, use_codebook=True),
                          schedule.steps("quantized", t) if schedule.progressive else 0,
-                         with_centers,
-                         schedule.quantized_learning_rate)
+                         with_centers, schedule.quantized_learning_rate,
+                         np.load(os.path.join(stage_dir(f"kmeans_{t}"), "codes.npy")))
     if params is None:
       return None
 
@@ -576,6 +664,7 @@ def index(
         params, np.asarray(params[f"quantizers_{t}"]["codebook"]), layout, t)
     stats["positions"].append({**_position_stats(codes_NxC, corpus.labels_NxLv, k),
                                "kmeans_ami": kmeans_info.get("kmeans_ami"),
+                               "start_ami": kmeans_info.get("start_ami"),
                                **assign_info})
     _say(f"position {t + 1}: " + ", ".join(
         f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
@@ -610,10 +699,10 @@ def index(
     os.makedirs(stage_dir("joint_final"), exist_ok=True)
     joint_info = stage("joint_final", joint_assign_stage)
     codes_NxC = np.load(os.path.join(stage_dir("joint_final"), "codes.npy")).astype(np.int32)
-    # Per position: the final codes' stats; `kmeans_ami` stays that of the codes it started from.
+    # Per position: the final codes' stats; `kmeans_ami` and `start_ami` stay those of k-means.
     stats["positions"] = [
         {**_position_stats(codes_NxC[:, :t + 1], corpus.labels_NxLv, k),
-         "kmeans_ami": start["kmeans_ami"], **joint_info}
+         "kmeans_ami": start["kmeans_ami"], "start_ami": start["start_ami"], **joint_info}
         for t, (k, start) in enumerate(zip(config.codebook_sizes, stats["positions"],
                                            strict=True))]
     stats["progressive"] = False

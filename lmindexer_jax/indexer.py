@@ -13,7 +13,7 @@ document at position t. The losses (weights in `IndexerConfig`):
   separates siblings;
 - commitment: the decoder keeps predicting the earlier codes (`losses.commitment_loss`);
 - code commitment (optional, not in the reference): the quantizer's logits keep choosing the
-  current code (`losses.code_commitment_loss`).
+  k-means code (`losses.code_commitment_loss`).
 
 This module holds the Flax module and its `models.BaseModel`; `index_pipeline.py` runs the
 progressive schedule over the corpus.
@@ -52,8 +52,9 @@ class IndexerConfig:
     reconstruction_weight, contrastive_weight, commitment_weight: loss weights; 0 switches a
       term off (the "no reconstructor / no contrastive / no commitment" ablations).
     code_commitment_weight: weight of `losses.code_commitment_loss` (straight-through
-      quantizer, every stage that quantizes): holds each document at its current code while the
-      encoder trains. 0, the reference, lets codes drift from the k-means start.
+      quantizer, training steps of every stage that quantizes): holds each document at its
+      k-means code while the encoder trains (in the joint ablation, at its current code). 0,
+      the reference, lets codes drift from the k-means start.
     quantizer_temperature: softmax temperature of the straight-through quantizer.
     gumbel_scale: Gumbel noise on the quantizer logits while training (0: none, the reference).
     quantizer_normalize: cosine instead of dot-product code logits.
@@ -278,7 +279,8 @@ class IndexerModel(models.BaseModel):
   """The indexer's loss at one stage, for `train.train`.
 
   Batches hold `encoder_input_tokens` [B, L] and, at t > 0, `prefix_codes` [B, t],
-  `negative_tokens` [B, G, L] and `negative_mask` [B, G].
+  `negative_tokens` [B, G, L] and `negative_mask` [B, G]; with code commitment, the quantized
+  stages' batches hold `code_targets` [B], the codes k-means gave (the kmeans_t stage).
   """
 
   def __init__(self, module: SemanticIndexer, stage: Stage, eval_mask_seed: int | None = None):
@@ -355,8 +357,11 @@ class IndexerModel(models.BaseModel):
         else:
           gumbel = rngs.get("gumbel") if cfg.gumbel_scale else None
           q = apply(SemanticIndexer.quantize, t, h_BxD, gumbel)
-          if cfg.code_commitment_weight:
-            loss, m = losses.code_commitment_loss(q.logits_BxK, q.codes_B)
+          if cfg.code_commitment_weight and not deterministic:
+            if "code_targets" not in batch:
+              raise ValueError("code_commitment_weight needs batch['code_targets'] (the "
+                               "k-means codes of the position)")
+            loss, m = losses.code_commitment_loss(q.logits_BxK, batch["code_targets"])
             total += cfg.code_commitment_weight * loss
             metrics.update(m)
         id_h_BxD = q.quantized_BxD
@@ -438,7 +443,7 @@ class IndexerModel(models.BaseModel):
             gumbel_rng=gumbel_rngs[t], gumbel_scale=cfg.gumbel_scale,
             normalize=cfg.quantizer_normalize)
         slots.append(q.quantized_BxD)
-        if cfg.code_commitment_weight:
+        if cfg.code_commitment_weight and not deterministic:
           loss, m = losses.code_commitment_loss(q.logits_BxK, q.codes_B)
           total += cfg.code_commitment_weight * loss
           metrics.update({f"{key}_{t + 1}": value for key, value in m.items()})

@@ -400,6 +400,7 @@ def kmeans(
     partitioner: partitioning.Partitioner | None = None,
     distance: Distance = "l2",
     chunk_size: int | None = None,
+    pad_to: int | None = None,
 ) -> KMeansResult:
   """Clusters N points into K clusters; returns the best of `num_restarts` runs by inertia.
 
@@ -424,6 +425,8 @@ def kmeans(
       distances are |x/|x| - c|^2 = 2 - 2 cos).
     chunk_size: points per device per chunk; default keeps each B x K distance block at
       2^22 floats. Padding to whole chunks does not change the result.
+    pad_to: lay the points out as if there were at least this many (padding rows do not count):
+      calls with different N under the same `pad_to` share one compiled program.
 
   Returns:
     A `KMeansResult` whose `assignments_N` has exactly N entries.
@@ -451,7 +454,7 @@ def kmeans(
   if mode == "given":
     replicated = None if sharding is None else NamedSharding(sharding.mesh, P())
     init_KxD = jax.device_put(np.asarray(init, np.float32), replicated)
-  b, s = _layout(n, num_shards, chunk_size, num_clusters)
+  b, s = _layout(max(n, pad_to or 0), num_shards, chunk_size, num_clusters)
   x_pad = _place(x_NxD, b * s, _leading(sharding, 2))
   st = _Static(num_clusters, num_iters, mode, distance, s, sharding)
   rngs = jax.random.split(rng, num_restarts)

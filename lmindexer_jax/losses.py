@@ -6,8 +6,8 @@
 * `prefix_contrastive_loss`: InfoNCE against same-prefix siblings as hard negatives (position > 1).
 * `commitment_loss`: the reference's "commitment": cross-entropy of the indexer's decoder logits
   on the codes already assigned at the earlier positions, each within its own ID-token slice.
-* `code_commitment_loss`: cross-entropy of the quantizer's logits on their own argmax, the
-  softmax quantizer's counterpart of VQ-VAE's commitment term (not in the reference).
+* `code_commitment_loss`: cross-entropy of the quantizer's logits on the codes a document must
+  keep, the softmax quantizer's counterpart of VQ-VAE's commitment term (not in the reference).
 
 Every mean is over the whole (global) batch: under `jit` with a batch-sharded input the sums are
 global, so negatives and normalisers span all devices (the reference's are per device).
@@ -312,20 +312,24 @@ def commitment_loss(
 
 
 def code_commitment_loss(logits_BxK: jax.Array, codes_B: jax.Array) -> tuple[jax.Array, Metrics]:
-  """Cross-entropy of the quantizer's logits h.E on the codes they chose (held constant).
+  """Cross-entropy of the quantizer's logits h.E on the codes a document must keep.
 
   VQ-VAE's commitment term pulls h towards its codeword; this is the same pull for the
-  straight-through softmax quantizer: towards E[code] and away from the other codewords. Its
-  gradient is large only near a boundary, where it holds a document at its current code. Without
-  it, the straight-through gradient (non-zero only near boundaries, where the softmax is not yet
-  one-hot) moves the shared encoder weights and with them every h, and codes drift.
+  straight-through softmax quantizer: towards E[code] and away from the other codewords, strong
+  only where the code is not already the confident choice. The straight-through gradient is
+  non-zero only near a boundary (elsewhere the softmax is one-hot), so without this term the
+  few documents there drive the updates of the shared encoder, every h moves, and codes
+  drift. The codes are the k-means clusters the quantized stage starts from (or the current
+  argmax), held constant.
 
   Returns:
-    (loss, {code_commitment_loss, code_confidence}): means over the rows; the confidence is the
-    mean softmax probability of the chosen code.
+    (loss, {code_commitment_loss, code_confidence, code_accuracy}): means over the rows; the
+    confidence is the softmax probability of the code, the accuracy how often it is the argmax.
   """
   logits_BxK = logits_BxK.astype(jnp.float32)
-  codes_B = jax.lax.stop_gradient(codes_B)
+  codes_B = jax.lax.stop_gradient(codes_B).astype(jnp.int32)
   loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxK, codes_B))
   chosen_B = jnp.take_along_axis(jax.nn.softmax(logits_BxK, axis=-1), codes_B[:, None], 1)[:, 0]
-  return loss, {"code_commitment_loss": loss, "code_confidence": jnp.mean(chosen_B)}
+  accuracy = jnp.mean((jnp.argmax(logits_BxK, axis=-1) == codes_B).astype(jnp.float32))
+  return loss, {"code_commitment_loss": loss, "code_confidence": jnp.mean(chosen_B),
+                "code_accuracy": accuracy}

@@ -132,24 +132,33 @@ def test_code_commitment_is_added_wherever_the_quantizer_runs(stage):
   """The weighted pull towards the chosen codeword, per quantized position; none without one."""
   module = _module(contrastive_weight=0.0, commitment_weight=0.0, code_commitment_weight=0.5)
   model = indexer.IndexerModel(module, stage)
-  batch = {"encoder_input_tokens": _batch(0)["encoder_input_tokens"]}
+  targets = np.arange(8, dtype=np.int32) % 4
+  batch = {"encoder_input_tokens": _batch(0)["encoder_input_tokens"], "code_targets": targets}
   params = _unboxed_params(model, batch)
   loss, metrics = jax.jit(model.loss_fn)(params, batch, jax.random.PRNGKey(1))
   names = (["code_commitment_loss_1", "code_commitment_loss_2"] if stage.joint
            else ["code_commitment_loss"] * stage.use_codebook)
   assert {name for name in metrics if name.startswith("code_commitment")} == set(names)
-  # The term itself: the quantizer's logits on their own argmax, as the metric says.
+  # The term itself: the quantizer's logits on the k-means codes (the joint ablation has none:
+  # its own argmax).
   if not stage.joint and stage.use_codebook:
     h, _ = module.apply(indexer.variables(params), batch["encoder_input_tokens"],
                         np.zeros((8, 0), np.int32), enable_dropout=True,
                         rngs={"dropout": jax.random.split(jax.random.PRNGKey(1), 5)[0]},
                         method=indexer.SemanticIndexer.represent)
     logits = h @ params["quantizers_0"]["codebook"].T
-    expected, _ = losses.code_commitment_loss(logits, jnp.argmax(logits, -1))
+    expected, _ = losses.code_commitment_loss(logits, targets)
     np.testing.assert_allclose(metrics["code_commitment_loss"], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="code_targets"):
+      model.loss_fn(params, {"encoder_input_tokens": batch["encoder_input_tokens"]},
+                    jax.random.PRNGKey(1))
   expected = float(metrics["reconstruction_loss"]) + 0.5 * sum(
       float(metrics[name]) for name in names)
   assert float(loss) == pytest.approx(expected, rel=1e-5)
+  # Evaluation (no rng) leaves it out, and needs no targets.
+  _, metrics = model.loss_fn(params, {"encoder_input_tokens": batch["encoder_input_tokens"]},
+                             None)
+  assert not any(name.startswith("code_commitment") for name in metrics)
 
 
 def test_evaluation_mask_seed_fixes_a_training_ratio_mask():
@@ -198,13 +207,15 @@ def test_trained_t5_is_the_indexer():
 def test_document_batches_resume_and_negatives(tmp_path):
   tokens = np.arange(40 * 3, dtype=np.int32).reshape(40, 3)
   prefix = (np.arange(40) % 5)[:, None].astype(np.int32)
+  targets = (np.arange(40) % 7).astype(np.int32)
   batches = index_pipeline.DocumentBatches(tokens, 8, seed=3, prefix_codes_NxP=prefix,
-                                           num_negatives=4)
+                                           num_negatives=4, code_targets_N=targets)
+  assert batches.element_spec["code_targets"].shape == (8,)
   seen = [next(batches) for _ in range(3)]
   batches.save(str(tmp_path))
   after = [next(batches) for _ in range(4)]  # Crosses into the next epoch.
   resumed = index_pipeline.DocumentBatches(tokens, 8, seed=3, prefix_codes_NxP=prefix,
-                                           num_negatives=4)
+                                           num_negatives=4, code_targets_N=targets)
   resumed.restore(str(tmp_path))
   for a, b in zip(after, [next(resumed) for _ in range(4)], strict=True):
     for key in a:
@@ -218,6 +229,7 @@ def test_document_batches_resume_and_negatives(tmp_path):
     assert (negs % 5 == (docs % 5)[:, None]).all()
     assert (negs != docs[:, None]).all()
     assert b["negative_mask"].all()
+    np.testing.assert_array_equal(b["code_targets"], targets[docs])
 
 
 _TINY = synthetic.CorpusConfig(num_docs=96, branching=(2, 2, 2), vocab_size=200, num_users=8)
@@ -273,7 +285,8 @@ def test_pipeline_writes_unique_ids_and_stats(straight_index):
       assert key in position
     assert 0 <= position["recon_accuracy"] <= 1 and position["recon_loss"] > 0
     assert set(position["ami"]) == {"level_1", "level_2", "level_3"}
-    assert set(position["kmeans_ami"]) == {"level_1", "level_2", "level_3"}
+    assert set(position["kmeans_ami"]) == set(position["start_ami"]) == {
+        "level_1", "level_2", "level_3"}
   assert set(stats["kmeans_baseline_ami"]) == {"level_1", "level_2", "level_3"}
   assert stats["disambiguation_size"] == stats["positions"][-1]["max_group_size"]
 
@@ -385,8 +398,9 @@ def test_initial_codebook_gives_its_clusters_through_the_quantizer(features):
   schedule = index_pipeline.Schedule(kmeans_features=features, kmeans_restarts=2,
                                      kmeans_feature_dim=16, eval_batch_size=32)
   partitioner = partitioning.Partitioner(num_devices=1)
-  codebook_KxD, codes_N, _ = index_pipeline.initial_codebook(
+  init = index_pipeline.initial_codebook(
       module, params, 1, tokens, prefix, schedule, partitioner, seed=0)
+  codebook_KxD, codes_N = init.codebook_KxD, init.start_codes_N
   assert codebook_KxD.shape == (3, 16)
   h_NxD = index_pipeline.encode_corpus(module, params, tokens, prefix, partitioner, 32)
   np.testing.assert_allclose(np.linalg.norm(codebook_KxD, axis=1).mean(),
@@ -405,6 +419,36 @@ def test_initial_codebook_gives_its_clusters_through_the_quantizer(features):
   clusters = kmeans.kmeans(points, 3, rng=jax.random.PRNGKey(1), num_iters=100, num_restarts=2,
                            distance="l2" if features == "decoded" else "cosine").assignments_N
   assert metrics.ami(np.asarray(clusters), codes_N) > 0.8
+  assert metrics.ami(np.asarray(clusters), init.kmeans_codes_N) > 0.99
+
+
+def test_kmeans_within_groups_numbers_each_groups_clusters_by_the_shared_directions():
+  """Each group's own clusters, numbered alike across groups; a small group gets one code per
+  row."""
+  rng = np.random.default_rng(0)
+  directions_KxF = 10.0 * np.eye(3, 6)
+  rows, groups, truth = [], [], []
+  for g, size in enumerate([60, 45, 2]):
+    offset_F = rng.normal(size=6) * 30.0  # The group's own mean, far from the others'.
+    k_M = rng.integers(0, 3, size) if size > 3 else np.arange(size)
+    rows.append(offset_F + directions_KxF[k_M] + rng.normal(size=(size, 6)) * 0.5)
+    groups.append(np.full(size, g))
+    truth.append(k_M)
+  features_NxF = np.concatenate(rows).astype(np.float32)
+  group_N, truth_N = np.concatenate(groups), np.concatenate(truth)
+  # Residuals, as the pipeline gives: less each group's mean.
+  for g in range(3):
+    features_NxF[group_N == g] -= features_NxF[group_N == g].mean(0)
+  codes_N, inertia = index_pipeline.kmeans_within_groups(
+      features_NxF, group_N, 3, rng=jax.random.PRNGKey(0), num_iters=50, num_restarts=2)
+  assert inertia > 0
+  # One bijection from the planted directions to codes, the same in every group.
+  mapping = {int(t): int(c)
+             for t, c in zip(truth_N[group_N < 2], codes_N[group_N < 2], strict=True)}
+  assert sorted(mapping.values()) == [0, 1, 2]
+  np.testing.assert_array_equal(codes_N[group_N < 2],
+                                [mapping[int(t)] for t in truth_N[group_N < 2]])
+  np.testing.assert_array_equal(codes_N[group_N == 2], [mapping[0], mapping[1]])
 
 
 def test_decoded_features_are_hellinger_coordinates():
@@ -560,3 +604,12 @@ def test_schedule_steps_per_position():
 def test_code_commitment_needs_the_straight_through_quantizer():
   with pytest.raises(ValueError, match="vq_commitment_weight"):
     indexer.IndexerConfig(code_commitment_weight=1.0, quantizer_kind=quantizer.EMA_VQ)
+
+
+def test_per_prefix_kmeans_needs_decoded_features_and_code_commitment(tmp_path):
+  with pytest.raises(ValueError, match="kmeans_features='decoded'"):
+    index_pipeline.Schedule(kmeans_per_prefix=True)
+  with pytest.raises(ValueError, match="code_commitment_weight"):
+    index_pipeline.index(
+        model_dir=str(tmp_path), index_task="lmindexer.synthetic.index", t5_config=T5_CONFIG,
+        schedule=index_pipeline.Schedule(kmeans_features="decoded", kmeans_per_prefix=True))

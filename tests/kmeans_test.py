@@ -140,6 +140,16 @@ def test_chunk_padding_does_not_change_result():
   assert int(chunked.num_iters_run) == int(whole.num_iters_run)
 
 
+def test_pad_to_does_not_change_result():
+  """Rows padded up to `pad_to` (for one compile across sizes) do not count."""
+  x_NxD = _small_blobs()
+  whole = kmeans.kmeans(x_NxD, 5, rng=jax.random.PRNGKey(0), num_iters=50)
+  padded = kmeans.kmeans(x_NxD, 5, rng=jax.random.PRNGKey(0), num_iters=50, pad_to=256)
+  np.testing.assert_array_equal(padded.assignments_N, whole.assignments_N)
+  assert padded.assignments_N.shape == (203,)
+  np.testing.assert_allclose(float(padded.inertia), float(whole.inertia), rtol=1e-5)
+
+
 def test_assign_matches_brute_force():
   x_NxD = _small_blobs()
   c_KxD = x_NxD[:6] + 0.5
