@@ -6,7 +6,9 @@
 - nocode_t: train with the reconstructor reading the continuous h_t.
 - kmeans_t: encode the corpus, k-means on h_t (`kmeans.py`); the centres initialise E_t.
   (`Schedule.kmeans_features='decoded'`: k-means on what the reconstructor decodes from h_t,
-  and E_t is fitted to reproduce those clusters, `initial_codebook`.)
+  and E_t is fitted to reproduce those clusters, `initial_codebook`; with
+  `Schedule.kmeans_per_prefix`, within each prefix group.) The clusters are saved as the codes
+  the quantized stage holds documents at (code commitment).
 - quantized_t: train with the straight-through quantizer.
 - assign_t: c_t = argmax h_t E_t^T for every document; E_t is copied into the embeddings of
   position t's ID tokens, so the trained T5 itself assigns IDs by greedy decoding.
