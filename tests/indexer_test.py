@@ -129,7 +129,7 @@ def test_contrastive_weight_per_position(position):
     indexer.Stage(1, use_codebook=True, joint=True),
 ])
 def test_code_commitment_is_added_wherever_the_quantizer_runs(stage):
-  """The weighted pull towards the chosen codeword, per quantized position; none without one."""
+  """The weighted pull towards the k-means code, per quantized position; none without one."""
   module = _module(contrastive_weight=0.0, commitment_weight=0.0, code_commitment_weight=0.5)
   model = indexer.IndexerModel(module, stage)
   targets = np.arange(8, dtype=np.int32) % 4
