@@ -171,10 +171,9 @@ def _run_all(sub_runs: Sequence[_SubRun], workers: int, cache_dir: str | None) -
 
   A tiny model's step does not keep two cores busy, but on 2 cores the gain is small: the
   quickstart's six runs took 249 s and 295 s in two workers (start-up included) against 302 s
-  one after another; more cores gain more. Each
-  sub-run writes its own directory, so nothing is shared but the compilation cache. With
-  several hosts (`jax.distributed`) every host must run the same program in step, so there
-  the runs go one after another.
+  one after another; more cores gain more. Each sub-run writes its own directory, so nothing
+  is shared but the compilation cache. With several hosts (`jax.distributed`) every host must
+  run the same program in step, so there the runs go one after another.
   """
   if workers <= 1 or len(sub_runs) <= 1 or jax.process_count() > 1:
     for sub_run in sub_runs:

@@ -177,7 +177,8 @@ class DocumentBatches(data.BatchIterator):
   batches never straddle epochs. The position (epoch, batch) is the whole state, so it is
   saved as JSON. At t > 0 each batch also carries the documents' prefix codes and
   `num_negatives` siblings per document, sampled with a generator seeded by the position; given
-  `code_targets_N` (the quantized stages: the k-means codes), their `code_targets`.
+  `code_targets_N` (quantized stages with code commitment: the k-means codes), their
+  `code_targets`.
   """
 
   def __init__(self, tokens_NxL: np.ndarray, batch_size: int, seed: int,
@@ -646,7 +647,8 @@ def index(
     params = train_stage(f"quantized_{t}", indexer.Stage(t, use_codebook=True),
                          schedule.steps("quantized", t) if schedule.progressive else 0,
                          with_centers, schedule.quantized_learning_rate,
-                         np.load(os.path.join(stage_dir(f"kmeans_{t}"), "codes.npy")))
+                         np.load(os.path.join(stage_dir(f"kmeans_{t}"), "codes.npy"))
+                         if config.code_commitment_weight else None)
     if params is None:
       return None
 

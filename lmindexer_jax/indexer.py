@@ -343,6 +343,7 @@ class IndexerModel(models.BaseModel):
     total = jnp.zeros((), jnp.float32)
 
     # Reconstruction from the ID (quantized once the codebook exists).
+    q = None
     if cfg.reconstruction_weight:
       id_h_BxD = h_BxD
       if stage.use_codebook:
@@ -357,13 +358,6 @@ class IndexerModel(models.BaseModel):
         else:
           gumbel = rngs.get("gumbel") if cfg.gumbel_scale else None
           q = apply(SemanticIndexer.quantize, t, h_BxD, gumbel)
-          if cfg.code_commitment_weight and not deterministic:
-            if "code_targets" not in batch:
-              raise ValueError("code_commitment_weight needs batch['code_targets'] (the "
-                               "k-means codes of the position)")
-            loss, m = losses.code_commitment_loss(q.logits_BxK, batch["code_targets"])
-            total += cfg.code_commitment_weight * loss
-            metrics.update(m)
         id_h_BxD = q.quantized_BxD
         metrics["codes_used_in_batch"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
@@ -373,6 +367,16 @@ class IndexerModel(models.BaseModel):
               SemanticIndexer.reconstruct, id_h_BxD, prefix_BxP, tokens_BxL, mask_BxLxS,
               enable_dropout=not deterministic, continuous_h_BxD=h_BxD, rng_name="view1"))
       total += cfg.reconstruction_weight * loss
+      metrics.update(m)
+
+    # Code commitment: the quantizer keeps choosing the k-means codes (straight-through only,
+    # `IndexerConfig` checks).
+    if cfg.code_commitment_weight and q is not None and not deterministic:
+      if "code_targets" not in batch:
+        raise ValueError("code_commitment_weight needs batch['code_targets'] (the k-means "
+                         "codes of the position)")
+      loss, m = losses.code_commitment_loss(q.logits_BxK, batch["code_targets"])
+      total += cfg.code_commitment_weight * loss
       metrics.update(m)
 
     # Contrastive: a second dropout view is the positive (not in the frozen warm-up).
