@@ -17,12 +17,18 @@ ceil(min_queries / batch))` batches after one warm-up batch (which compiles ours
 one JSON line per (implementation, mode, batch size) and a ratio line per (mode, batch size);
 the first timed batch also reports how often HF's and our exact top-1 IDs agree.
 
-A "ceiling" line per batch size bounds any exact decoder on this machine: each decoding step
-must read the decoder's weights and the whole [D, V] head (exact scores normalise over every
-token), and the query the encoder's, once per batch; divided by the rate at which XLA:CPU
-streams the head through a matrix-vector product here, that is the fastest a memory-bound
-batch can go. An optimistic bound: FLOPs are not counted, and the one repeated matrix may
-partly stay in cache where the decoder's 0.5 GB of weights cannot.
+Two "ceiling" lines per batch size bound any exact decoder on this machine, each optimistic:
+- weight_streaming: each decoding step must read the decoder's weights and the whole [D, V]
+  head (exact scores normalise over every token), and the query the encoder's, once per batch;
+  divided by the rate at which XLA:CPU streams the head through a matrix-vector product here,
+  that is the fastest a memory-bound batch can go (FLOPs not counted; the one repeated matrix
+  may partly stay in cache where the decoder's 0.5 GB of weights cannot).
+- flops: XLA's count of our exact program's floating-point operations per query (the work
+  exact scores need: encoder and cross-attention keys/values once per query, one decoder row
+  per beam, the full head) divided by the fastest float32 matrix product of the decode's own
+  shapes here ([batch * beam, D] by the head [D, V] or by the MLP's [D, F]), i.e. the rate if
+  every operation ran as the best matrix product and nothing else cost anything.
+The exact mode's ratio lines give `ceiling_speedup`: the lower ceiling over HF's measured rate.
 """
 
 import json
@@ -108,21 +114,32 @@ def _weight_bytes(params, num_positions: int, vocab_size: int, emb_dim: int) -> 
                        + num_positions * (sizes["decoder_step"] + head), **sizes, "head": head}
 
 
-def _streaming_gb_per_s(emb_dim: int, vocab_size: int, repeats: int = 20) -> float:
-  """GB/s of a jitted [1, D] x [D, V] product (the head's shape at batch 1): XLA:CPU's rate of
-  streaming weights on this machine."""
+def _matmul_seconds(rows: int, inner: int, cols: int, repeats: int = 10) -> float:
+  """Seconds per jitted float32 [rows, inner] x [inner, cols] product on this machine."""
   import jax
   import jax.numpy as jnp
 
-  w_DxV = jax.random.normal(jax.random.PRNGKey(0), (emb_dim, vocab_size), jnp.float32)
-  x_1xD = jnp.ones((1, emb_dim), jnp.float32)
-  matvec = jax.jit(lambda x, w: x @ w)
-  jax.block_until_ready(matvec(x_1xD, w_DxV))
+  w_IxC = jax.random.normal(jax.random.PRNGKey(0), (inner, cols), jnp.float32)
+  x_RxI = jnp.ones((rows, inner), jnp.float32)
+  matmul = jax.jit(lambda x, w: x @ w)
+  jax.block_until_ready(matmul(x_RxI, w_IxC))
   start = time.perf_counter()
   for _ in range(repeats):
-    out = matvec(x_1xD, w_DxV)
+    out = matmul(x_RxI, w_IxC)
   jax.block_until_ready(out)
-  return w_DxV.size * 4 * repeats / (time.perf_counter() - start) / 1e9
+  return (time.perf_counter() - start) / repeats
+
+
+def _streaming_gb_per_s(emb_dim: int, vocab_size: int) -> float:
+  """GB/s of a [1, D] x [D, V] product (the head's shape at batch 1): XLA:CPU's rate of
+  streaming weights on this machine."""
+  return emb_dim * vocab_size * 4 / _matmul_seconds(1, emb_dim, vocab_size, repeats=20) / 1e9
+
+
+def _matmul_gflop_per_s(rows: int, shapes: list[tuple[int, int]]) -> float:
+  """The fastest GFLOP/s of [rows, inner] x [inner, cols] products over (inner, cols) shapes."""
+  return max(2 * rows * inner * cols / _matmul_seconds(rows, inner, cols) / 1e9
+             for inner, cols in shapes)
 
 
 def _emit(record: dict) -> None:
@@ -180,10 +197,20 @@ def main(argv):
     return codes_BxRxC - np.asarray(trie.token_starts), out.sequences_scores.numpy()
 
   for batch in (int(b) for b in _BATCH_SIZES.value):
+    streaming_qps = batch * gb_per_s * 1e9 / weights["per_batch"]
     _emit({"ceiling": "weight_streaming", "batch": batch,
            "weight_mb_per_batch": round(weights["per_batch"] / 1e6, 1),
            "head_mb": round(weights["head"] / 1e6, 1), "matvec_gb_per_s": round(gb_per_s, 2),
-           "max_queries_per_s": round(batch * gb_per_s * 1e9 / weights["per_batch"], 2)})
+           "max_queries_per_s": round(streaming_qps, 2)})
+    ceiling_qps = streaming_qps
+    if "full" in decoders:
+      gflop = decoders["full"].cost_analysis(queries(batch))["flops"] / batch / 1e9
+      gflop_per_s = _matmul_gflop_per_s(
+          batch * beam, [(cfg.emb_dim, cfg.vocab_size), (cfg.emb_dim, cfg.mlp_dim)])
+      ceiling_qps = min(ceiling_qps, gflop_per_s / gflop)
+      _emit({"ceiling": "flops", "batch": batch, "gflop_per_query": round(gflop, 3),
+             "matmul_gflop_per_s": round(gflop_per_s, 1),
+             "max_queries_per_s": round(gflop_per_s / gflop, 2)})
     num_batches = max(_REPEATS.value, math.ceil(_MIN_QUERIES.value / batch))
     batches = [queries(batch) for _ in range(num_batches)]
     rates = {}
@@ -225,8 +252,11 @@ def main(argv):
     record["load_average_1min"] = round(os.getloadavg()[0], 2)
     _emit(record)
     for mode, rate in rates.items():
-      _emit({"ratio": f"ours_{mode}/hf_generate", "batch": batch,
-             "speedup": round(rate / hf_rate, 2)})
+      record = {"ratio": f"ours_{mode}/hf_generate", "batch": batch,
+                "speedup": round(rate / hf_rate, 2)}
+      if mode == "full":  # The ceilings bound exact decoding.
+        record["ceiling_speedup"] = round(ceiling_qps / hf_rate, 2)
+      _emit(record)
 
 
 if __name__ == "__main__":

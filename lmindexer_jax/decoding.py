@@ -21,6 +21,7 @@ D children window of a trie node, V vocabulary, R returned IDs, L encoder length
 
 from collections.abc import Callable
 from collections.abc import Sequence
+import contextlib
 import functools
 from typing import Any
 from typing import NamedTuple
@@ -518,13 +519,26 @@ class IdDecoder:
             out_shardings=partitioner.sharding(jax.sharding.PartitionSpec(None, "vocab")))(
                 module, self._params)
 
-  def __call__(self, encoder_tokens_BxL: np.ndarray | jax.Array) -> BeamSearchResult:
+  def _args(self, encoder_tokens_BxL: np.ndarray | jax.Array) -> tuple[Any, ...]:
     encoder_tokens_BxL = np.asarray(encoder_tokens_BxL, np.int32)
+    if self._partitioner is not None:
+      encoder_tokens_BxL = self._partitioner.global_batch({"x": encoder_tokens_BxL})["x"]
+    return self._params, self._head, encoder_tokens_BxL, self._trie
+
+  def __call__(self, encoder_tokens_BxL: np.ndarray | jax.Array) -> BeamSearchResult:
     if self._partitioner is None:
-      return self._fn(self._params, self._head, encoder_tokens_BxL, self._trie)
+      return self._fn(*self._args(encoder_tokens_BxL))
     with self._partitioner.activate():
-      tokens = self._partitioner.global_batch({"x": encoder_tokens_BxL})["x"]
-      return self._fn(self._params, self._head, tokens, self._trie)
+      return self._fn(*self._args(encoder_tokens_BxL))
+
+  def cost_analysis(self, encoder_tokens_BxL: np.ndarray | jax.Array) -> dict[str, float]:
+    """XLA's cost estimate of one call on this batch shape ('flops', 'bytes accessed', ...),
+    from the compiled program (compiles it if needed; runs nothing)."""
+    with contextlib.ExitStack() as stack:
+      if self._partitioner is not None:
+        stack.enter_context(self._partitioner.activate())
+      cost = self._fn.lower(*self._args(encoder_tokens_BxL)).compile().cost_analysis()
+    return dict(cost[0] if isinstance(cost, list) else cost)
 
 
 def decode_ids(

@@ -296,6 +296,20 @@ def test_t5_candidate_head_equals_restricted_full_logits(head):
   assert (np.asarray(exact.scores) < np.asarray(a.scores)).all()  # less mass shared out
 
 
+def test_cost_analysis_counts_the_full_head_only_in_exact_mode():
+  module, params = _tiny_t5()
+  trie = decoding.Trie.from_codes(_valid_codes(50, 0), _LAYOUT)
+  flops = {mode: decoding.IdDecoder(module, params, trie, beam_size=6, normalization=mode)
+           .cost_analysis(QUERIES)["flops"] for mode in decoding.NORMALIZATIONS}
+  # Decoder rows per step: 1 per query, then 6 beams per query; exact scores take every row
+  # through the [D, V] head, the restricted head only through its position's K columns.
+  rows = np.array([3, 18, 18])
+  emb_dim, vocab_size = module.config.emb_dim, module.config.vocab_size
+  full_head = 2 * emb_dim * vocab_size * rows.sum()
+  restricted_head = 2 * emb_dim * (rows * np.array(_SIZES)).sum()
+  assert flops["full"] - flops["restricted"] >= full_head - restricted_head > 0
+
+
 def test_t5_beam_search_equals_exhaustive_scores():
   module, params = _tiny_t5()
   trie = decoding.Trie.from_codes(_valid_codes(12, 1), _LAYOUT)
