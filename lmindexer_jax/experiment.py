@@ -39,6 +39,7 @@ from lmindexer_jax import checkpoints
 from lmindexer_jax import data
 from lmindexer_jax import eval as eval_lib
 from lmindexer_jax import evaluation
+from lmindexer_jax import files
 from lmindexer_jax import finetune
 from lmindexer_jax import models
 from lmindexer_jax import optimizers
@@ -63,6 +64,8 @@ class FinetuneConfig:
     train_steps, batch_size, learning_rate, warmup_steps: AdamW, linear decay.
     target_length: ID positions + EOS.
     log_period, checkpoint_period: as in `train.train`.
+    dropout_rate: the fine-tuning model's dropout; None keeps the model config's (which the
+      indexer shares: its settings may want another).
   """
 
   train_steps: int = 300
@@ -72,6 +75,7 @@ class FinetuneConfig:
   target_length: int = 8
   log_period: int = 50
   checkpoint_period: int = 1000
+  dropout_rate: float | None = None
 
 
 def finetune_run(
@@ -102,6 +106,8 @@ def finetune_run(
     id_config = dataclasses.replace(id_config, disambiguation_size=int(disambiguation_size))
   with settings.configured(id_config):
     model_config = finetune.task_model_config(t5_config, task_name)
+    if config.dropout_rate is not None:
+      model_config = model_config.replace(dropout_rate=config.dropout_rate)
     lengths = {"inputs": int(input_length), "targets": int(config.target_length)}
     state = train.train(
         model=models.EncoderDecoderModel(t5.Transformer(model_config)),
@@ -303,7 +309,7 @@ def run(
       entry["excluding_history"] = result["metrics_excluding_history"]
     results["tasks"].setdefault(task, {})[scheme] = entry
   results["seconds_this_call"] = round(time.time() - start, 1)
-  finetune.atomic_write_json(os.path.join(model_dir, RESULTS_FILE), results)
+  files.write_json(os.path.join(model_dir, RESULTS_FILE), results)
   print(results_table(results), end="", flush=True)
   _say(f"wrote {os.path.join(model_dir, RESULTS_FILE)} ({results['seconds_this_call']:.0f} s)")
   return results

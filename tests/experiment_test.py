@@ -158,6 +158,24 @@ def test_a_run_trained_here_equals_the_one_trained_in_a_worker(job, capsys):
   assert dict(again, seconds_this_call=None) == dict(first, seconds_this_call=None)
 
 
+def test_finetune_dropout_rate_replaces_the_models(job, monkeypatch):
+  model_dir, _, _ = job
+  rates = []
+
+  def fake_train(*, model, **unused):
+    rates.append(model.module.config.dropout_rate)
+    return train.TrainState(jnp.asarray(0, jnp.int32), {}, ())
+
+  monkeypatch.setattr(experiment.train, "train", fake_train)
+  for rate in (None, 0.3):
+    with settings.configured(TINY):
+      experiment.finetune_run(
+          model_dir=str(model_dir / "unused"), task_name="lmindexer.synthetic.rec",
+          id_file=str(model_dir / "index" / semantic_ids.FILE_NAME), t5_config=T5_CONFIG,
+          input_length=32, config=experiment.FinetuneConfig(dropout_rate=rate))
+  assert rates == [T5_CONFIG.dropout_rate, 0.3]
+
+
 def test_gin_files_parse(monkeypatch):
   """quickstart.gin and compare.gin + ml100k.gin bind the job (not run here)."""
   monkeypatch.chdir(REPO)
