@@ -36,6 +36,7 @@ import seqio
 
 from lmindexer_jax import decoding
 from lmindexer_jax import evaluation
+from lmindexer_jax import files
 from lmindexer_jax import finetune
 from lmindexer_jax import metrics
 from lmindexer_jax import t5
@@ -299,12 +300,7 @@ def evaluate(
     result["metrics_excluding_history"] = metrics.ir_metrics(run, queries.qrels, ks,
                                                              exclude=queries.earlier)
   result["seconds"] = round(time.time() - start_time, 1)
-  path = os.path.join(output_dir, METRICS_FILE.format(split=split))
-  os.makedirs(output_dir, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=1)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+  files.write_json(os.path.join(output_dir, METRICS_FILE.format(split=split)), result)
   if verbose:
     print(table(result), end="", flush=True)
   return result

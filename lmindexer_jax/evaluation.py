@@ -15,9 +15,8 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 import math
 import numbers
-import os
-import tempfile
 
+from lmindexer_jax import files
 from lmindexer_jax import metrics
 
 DEFAULT_TAG = "lmindexer"
@@ -26,15 +25,6 @@ DEFAULT_TAG = "lmindexer"
 def _check_token(kind: str, value: str) -> None:
   if not value or any(c.isspace() for c in value):
     raise ValueError(f"{kind} {value!r} is empty or contains whitespace")
-
-
-def _atomic_write_lines(path: str, lines: list[str]) -> str:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, encoding="utf-8") as f:
-    f.writelines(lines)
-  os.replace(f.name, path)
-  return path
 
 
 def write_run(
@@ -87,7 +77,7 @@ def write_run(
         f"{qid} Q0 {doc_id} {rank} {score!r} {tag}\n"
         for rank, (doc_id, score) in enumerate(kept, start=1)
     )
-  return _atomic_write_lines(path, lines)
+  return files.write_text(path, "".join(lines))
 
 
 def _fields(path: str, expected: int, kind: str):
@@ -147,7 +137,7 @@ def write_qrels(path: str, qrels: Mapping[str, Mapping[str, int]]) -> str:
       if int(grade) != grade:
         raise ValueError(f"query {qid}: grade {grade!r} of {doc_id} is not an integer")
       lines.append(f"{qid} 0 {doc_id} {int(grade)}\n")
-  return _atomic_write_lines(path, lines)
+  return files.write_text(path, "".join(lines))
 
 
 def read_qrels(path: str) -> dict[str, dict[str, int]]:

@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 import seqio
 
 from lmindexer_jax import checkpoint_import
+from lmindexer_jax import files
 from lmindexer_jax import t5
 from lmindexer_jax import vocabularies
 from tasks import semantic_ids
@@ -151,15 +152,6 @@ def _scratch_params(config: t5.T5Config, seed: int) -> dict:
   return jax.tree.map(np.asarray, init(params_rng))
 
 
-def atomic_write_json(path: str, value: Mapping[str, Any]) -> None:
-  """Writes `value` as JSON to `path` through a temporary file (readers never see half)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
-
-
 def initial_params(
     *,
     init: str,
@@ -231,7 +223,7 @@ def initial_params(
     source, shared = None, 0
     params = _scratch_params(t5_config, seed)
   if jax.process_index() == 0:
-    atomic_write_json(os.path.join(model_dir, INIT_FILE), {
+    files.write_json(os.path.join(model_dir, INIT_FILE), {
         "init": init,
         "source": source,
         "task": task_name,

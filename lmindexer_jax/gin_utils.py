@@ -18,6 +18,8 @@ from absl import flags
 from absl import logging
 import gin
 
+from lmindexer_jax import files
+
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order; later files win.")
 flags.DEFINE_multi_string("gin_bindings", [], "Individual bindings, applied after the files.")
@@ -83,11 +85,7 @@ def write_config(model_dir: str) -> None:
 
   if jax.process_index() != 0:
     return
-  os.makedirs(model_dir, exist_ok=True)
-  path = os.path.join(model_dir, "config.gin")
-  with open(path + ".tmp", "w") as f:
-    f.write(gin.config_str())
-  os.replace(path + ".tmp", path)
+  files.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
 
 
 def run(fn: Callable[..., Any], name: str, dispatch: Callable[..., Any]) -> Any:

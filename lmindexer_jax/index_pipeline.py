@@ -38,6 +38,7 @@ import seqio
 
 from lmindexer_jax import checkpoints
 from lmindexer_jax import data
+from lmindexer_jax import files
 from lmindexer_jax import finetune
 from lmindexer_jax import indexer
 from lmindexer_jax import indexer_manifest
@@ -443,20 +444,7 @@ def _stage_done(stage_dir: str) -> dict | None:
 
 
 def _mark_done(stage_dir: str, info: dict) -> None:
-  os.makedirs(stage_dir, exist_ok=True)
-  _atomic_write(os.path.join(stage_dir, "done.json"), json.dumps(info, indent=1))
-
-
-def _atomic_write(path: str, text: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-
-
-def _save_array(path: str, array: np.ndarray) -> None:
-  with open(path + ".tmp", "wb") as f:
-    np.save(f, array)
-  os.replace(path + ".tmp", path)
+  files.write_json(os.path.join(stage_dir, "done.json"), info)
 
 
 def _save_params(stage_dir: str, params: Any) -> None:
@@ -615,8 +603,8 @@ def index(
     def kmeans_stage(t=t, k=k, params=params, codes_NxC=codes_NxC):
       init = initial_codebook(
           module, params, t, corpus.tokens_NxL, codes_NxC, schedule, partitioner, seed)
-      _save_array(os.path.join(stage_dir(f"kmeans_{t}"), "centers.npy"), init.codebook_KxD)
-      _save_array(os.path.join(stage_dir(f"kmeans_{t}"), "codes.npy"), init.kmeans_codes_N)
+      files.save_array(os.path.join(stage_dir(f"kmeans_{t}"), "centers.npy"), init.codebook_KxD)
+      files.save_array(os.path.join(stage_dir(f"kmeans_{t}"), "codes.npy"), init.kmeans_codes_N)
 
       def prefix_ami(new_N):
         return _ami_per_level(metrics.prefix_clusters(
@@ -655,7 +643,7 @@ def index(
     def assign_stage(t=t, params=params, codes_NxC=codes_NxC):
       codes_N = assign_position(module, params, t, corpus.tokens_NxL, codes_NxC, partitioner,
                                 schedule.eval_batch_size)
-      _save_array(os.path.join(stage_dir(f"assign_{t}"), "codes.npy"), codes_N)
+      files.save_array(os.path.join(stage_dir(f"assign_{t}"), "codes.npy"), codes_N)
       return reconstruction_metrics(
           module, params, indexer.Stage(t, use_codebook=True), corpus.tokens_NxL, codes_NxC,
           schedule.eval_batch_size)
@@ -695,7 +683,7 @@ def index(
         codes_N = assign_position(module, params, t, corpus.tokens_NxL, codes, partitioner,
                                   schedule.eval_batch_size)
         codes = np.concatenate([codes, codes_N[:, None]], axis=1)
-      _save_array(os.path.join(stage_dir("joint_final"), "codes.npy"), codes)
+      files.save_array(os.path.join(stage_dir("joint_final"), "codes.npy"), codes)
       return reconstruction_metrics(
           module, params, indexer.Stage(num_positions - 1, use_codebook=True, joint=True),
           corpus.tokens_NxL, codes, schedule.eval_batch_size)
@@ -732,7 +720,7 @@ def index(
   semantic_ids.write(os.path.join(model_dir, semantic_ids.FILE_NAME), list(corpus.doc_ids),
                      final_NxC1, codebook_sizes=config.codebook_sizes,
                      disambiguation_size=disambiguation_size)
-  _atomic_write(os.path.join(model_dir, "index_stats.json"), json.dumps(stats, indent=1))
+  files.write_json(os.path.join(model_dir, "index_stats.json"), stats)
   _say(f"wrote {semantic_ids.FILE_NAME} ({n} unique IDs, disambiguation size "
        f"{disambiguation_size}) and index_stats.json to {model_dir}")
   return stats

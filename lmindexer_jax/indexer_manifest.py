@@ -11,14 +11,13 @@ from collections.abc import Sequence
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import typing
 from typing import Any
 
 import numpy as np
 import seqio
 
+from lmindexer_jax import files
 from lmindexer_jax import indexer
 from lmindexer_jax import t5
 from lmindexer_jax import vocabularies
@@ -141,11 +140,8 @@ def write_indexer_manifest(
   stages = tuple(position_stages or (f"quantized_{t}" for t in range(num_positions)))
   if len(stages) != num_positions:
     raise ValueError(f"{len(stages)} position stages for {num_positions} positions: {stages}")
-  os.makedirs(model_dir, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=model_dir, delete=False) as f:
-    with open(vocabulary.sentencepiece_model_file, "rb") as source:
-      shutil.copyfileobj(source, f)
-  os.replace(f.name, os.path.join(model_dir, VOCABULARY_FILE))
+  with open(vocabulary.sentencepiece_model_file, "rb") as source:
+    files.write_bytes(os.path.join(model_dir, VOCABULARY_FILE), source.read())
   manifest = {
       "version": _VERSION,
       "index_task": index_task,
@@ -158,11 +154,7 @@ def write_indexer_manifest(
       "final_stage": stages[-1],
       "eval_batch_size": int(eval_batch_size),
   }
-  path = os.path.join(model_dir, MANIFEST_FILE)
-  with tempfile.NamedTemporaryFile("w", dir=model_dir, delete=False, encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(f.name, path)
-  return path
+  return files.write_json(os.path.join(model_dir, MANIFEST_FILE), manifest)
 
 
 def read_indexer_manifest(model_dir: str) -> IndexerManifest:

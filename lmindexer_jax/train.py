@@ -30,6 +30,7 @@ import optax
 
 from lmindexer_jax import checkpoints
 from lmindexer_jax import data
+from lmindexer_jax import files
 from lmindexer_jax import models
 from lmindexer_jax import optimizers
 from lmindexer_jax import partitioning
@@ -198,10 +199,7 @@ def _truncate_jsonl(path: str, after_step: int) -> None:
     return
   with open(path) as f:
     kept = [line for line in f if line.strip() and json.loads(line)["step"] <= after_step]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  files.write_text(path, "".join(kept))
 
 
 @contextlib.contextmanager
@@ -348,14 +346,7 @@ def _write_model_info(model_dir: str, params: Any, shardings: Any) -> None:
     total += x.size
     lines.append(f"{jax.tree_util.keystr(path):80s} {str(x.shape):20s} {s.spec}")
   lines.append(f"Total parameters: {total:,}")
-  _atomic_write(os.path.join(model_dir, "model-info.txt"), "\n".join(lines) + "\n")
-
-
-def _atomic_write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  files.write_text(os.path.join(model_dir, "model-info.txt"), "\n".join(lines) + "\n")
 
 
 # --------------------------------- Command line (gin) --------------------------------------

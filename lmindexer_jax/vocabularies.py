@@ -16,13 +16,14 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 
 from absl import logging
 import sentencepiece as spm
 import seqio
 import tensorflow as tf
 import tensorflow_text as tf_text
+
+from lmindexer_jax import files
 
 PAD_ID = 0
 EOS_ID = 1
@@ -65,12 +66,7 @@ def train_sentencepiece(
       hard_vocab_limit=False,
       minloglevel=2,
   )
-  directory = os.path.dirname(os.path.abspath(model_path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, delete=False) as f:
-    f.write(model.getvalue())
-  os.replace(f.name, model_path)
-  return model_path
+  return files.write_bytes(model_path, model.getvalue())
 
 
 def sentencepiece_vocabulary(

@@ -19,12 +19,11 @@ model's vocabulary must have a token for every code of a codebook even if no doc
 
 from collections.abc import Sequence
 import dataclasses
-import os
-import tempfile
 
 from absl import logging
 import numpy as np
 
+from lmindexer_jax import files
 from lmindexer_jax import vocabularies
 from tasks import settings
 
@@ -155,12 +154,7 @@ def write(
       f"{doc_id}\t{' '.join(map(str, row))}\n"
       for doc_id, row in zip(doc_ids, codes.tolist(), strict=True)
   )
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, encoding="utf-8") as f:
-    f.writelines(lines)
-  os.replace(f.name, path)
-  return path
+  return files.write_text(path, "".join(lines))
 
 
 def _parse_sizes(path: str, line: int, field: str, text: str) -> tuple[int, ...]:

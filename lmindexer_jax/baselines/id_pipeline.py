@@ -14,13 +14,13 @@ Legend: N documents, D dims, C learned positions, Lv label levels.
 """
 
 from collections.abc import Sequence
-import json
 import os
 import time
 from typing import Any
 
 import numpy as np
 
+from lmindexer_jax import files
 from lmindexer_jax import index_pipeline
 from lmindexer_jax import metrics
 from lmindexer_jax import quantizer
@@ -67,9 +67,7 @@ def _vectors(corpus: index_pipeline.Corpus, vectors_path: str,
     raise ValueError("No vectors: give vectors_path (a .npy [N, D]) or an EncoderSource.")
   vectors_NxD = embeddings.encode_corpus(encoder, corpus.tokens_NxL, corpus.base_vocab_size)
   path = os.path.join(model_dir, EMBEDDINGS_FILE)
-  with open(path + ".tmp", "wb") as f:
-    np.save(f, vectors_NxD)
-  os.replace(path + ".tmp", path)
+  files.save_array(path, vectors_NxD)
   source = (f"checkpoint {encoder.checkpoint_dir}" if encoder.checkpoint_dir else
             f"hf {encoder.hf_dir}" if encoder.hf_dir else f"random init, seed {encoder.seed}")
   return vectors_NxD, f"mean-pooled T5 encoder ({source})"
@@ -151,10 +149,7 @@ def make_ids(
                seconds=round(time.time() - start, 1))
   semantic_ids.write(os.path.join(model_dir, semantic_ids.FILE_NAME), list(corpus.doc_ids),
                      final_NxC1, codebook_sizes=sizes, disambiguation_size=disambiguation_size)
-  path = os.path.join(model_dir, STATS_FILE)
-  with open(path + ".tmp", "w") as f:
-    f.write(json.dumps(stats, indent=1))
-  os.replace(path + ".tmp", path)
+  files.write_json(os.path.join(model_dir, STATS_FILE), stats)
   last = stats["positions"][-1]
   _say(f"wrote {semantic_ids.FILE_NAME} ({n} unique IDs, disambiguation size "
        f"{disambiguation_size}) and {STATS_FILE} to {model_dir}; collision rate before "
