@@ -351,9 +351,8 @@ def kmeans_within_groups(
     if len(rows) <= k:
       local_M, centers_CxF = np.arange(len(rows)), x_MxF
     else:
-      # Groups padded to the same power of two share one compiled k-means.
       result = run(x_MxF, rng=jax.random.fold_in(rng, int(g) + 1),
-                   pad_to=1 << (len(rows) - 1).bit_length())
+                   pad_to=kmeans.size_bucket(len(rows)))
       local_M, centers_CxF = np.asarray(result.assignments_N), np.asarray(result.centers_KxD)
       inertia += float(result.inertia)
     cost_CxK = ((centers_CxF[:, None] - shared_KxF[None]) ** 2).sum(-1)

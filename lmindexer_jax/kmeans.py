@@ -466,6 +466,12 @@ def kmeans(
   return best.replace(assignments_N=best.assignments_N[:n], restart_inertias_R=inertias_R)
 
 
+def size_bucket(n: int) -> int:
+  """The power of two >= n: `kmeans(pad_to=size_bucket(n))` calls on groups of varying sizes
+  share a compiled program per bucket instead of compiling one per size."""
+  return 1 << (n - 1).bit_length()
+
+
 def assign(
     x_NxD: jax.Array | np.ndarray,
     centers_KxD: jax.Array | np.ndarray,

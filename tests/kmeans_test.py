@@ -148,6 +148,8 @@ def test_pad_to_does_not_change_result():
   np.testing.assert_array_equal(padded.assignments_N, whole.assignments_N)
   assert padded.assignments_N.shape == (203,)
   np.testing.assert_allclose(float(padded.inertia), float(whole.inertia), rtol=1e-5)
+  assert [kmeans.size_bucket(n) for n in (1, 2, 3, 4, 5, 203, 256, 257)] == [
+      1, 2, 4, 4, 8, 256, 256, 512]
 
 
 def test_assign_matches_brute_force():

@@ -10,10 +10,8 @@ numbers them): a group with at most K_t documents is not clustered; its document
 distinct. Groups still larger than K at the last level keep colliding IDs, which the ID
 pipeline's disambiguation code separates.
 
-Cost: one `kmeans.kmeans` call per group larger than K, and `kmeans` compiles once per distinct
-(group size, K): the 2048-document synthetic corpus with (8, 8, 8) runs 73 k-means, most of the
-time compiling (minutes on 2 CPU cores). Padding groups to a few sizes would need per-point
-weights in `kmeans`.
+Cost: one `kmeans.kmeans` call per group larger than K; groups are padded to a power of two
+(`kmeans.size_bucket`), so k-means compiles once per (size bucket, K), not once per group size.
 
 Legend: N documents, D dims, C levels, K codes.
 """
@@ -71,7 +69,8 @@ def hierarchical_kmeans(
         numbered_C[t] += len(idx)
         continue
       result = kmeans.kmeans(x_NxD[idx], k, rng=jax.random.fold_in(level_rng, g),
-                             num_iters=num_iters, num_restarts=num_restarts)
+                             num_iters=num_iters, num_restarts=num_restarts,
+                             pad_to=kmeans.size_bucket(len(idx)))
       a_M = np.asarray(result.assignments_N, np.int32)
       runs += 1
       codes_NxC[idx, t] = a_M
