@@ -598,6 +598,27 @@ def test_ema_quantizer_pipeline_assigns_nearest_codewords(tmp_path):
       semantic_ids.read(str(tmp_path / "semantic_ids.tsv")).codes[:, :2])
 
 
+def test_kmeans_only_ablation_gives_the_kmeans_codes_of_the_warmed_up_model(tmp_path):
+  """No no-codebook and no quantized steps: each position's code is its k-means code and the
+  T5 encoder stays at the warm-up's parameters."""
+  schedule = dataclasses.replace(_SCHEDULE, nocode_steps=0, quantized_steps=0)
+  with settings.configured(_TINY):
+    stats = index_pipeline.index(
+        model_dir=str(tmp_path), index_task="lmindexer.synthetic.index",
+        t5_config=T5_CONFIG.replace(vocab_size=0), schedule=schedule, max_length=24,
+        config=indexer.IndexerConfig(codebook_sizes=(2, 2)),
+        partitioner=partitioning.Partitioner(num_devices=1))
+  assert stats["unique"]
+  stages = tmp_path / "stages"
+  codes_NxC = semantic_ids.read(str(tmp_path / "semantic_ids.tsv")).codes
+  for t in range(2):
+    np.testing.assert_array_equal(codes_NxC[:, t], np.load(stages / f"kmeans_{t}" / "codes.npy"))
+    assert stats["positions"][t]["ami"] == stats["positions"][t]["kmeans_ami"]
+  warm = index_pipeline.final_params(str(stages / "warmup"))["t5"]["encoder"]
+  last = index_pipeline.final_params(str(stages / "quantized_1"))["t5"]["encoder"]
+  jax.tree.map(np.testing.assert_array_equal, last, warm)
+
+
 def test_schedule_steps_per_position():
   schedule = index_pipeline.Schedule(nocode_steps=(300, 150), quantized_steps=100)
   assert [schedule.steps("nocode", t) for t in range(3)] == [300, 150, 150]
