@@ -523,16 +523,22 @@ def test_joint_codes_are_the_tied_lms_greedy_codes():
     decoder = np.concatenate([decoder, greedy[:, None] + start], axis=1).astype(np.int32)
 
 
+def _index_tiny_corpus(tmp_path, schedule, **config):
+  """The pipeline on the tiny corpus with two 2-code positions, in `tmp_path`."""
+  with settings.configured(_TINY):
+    return index_pipeline.index(
+        model_dir=str(tmp_path), index_task="lmindexer.synthetic.index",
+        t5_config=T5_CONFIG.replace(vocab_size=0), schedule=schedule, max_length=24,
+        config=indexer.IndexerConfig(codebook_sizes=(2, 2), **config),
+        partitioner=partitioning.Partitioner(num_devices=1))
+
+
 def test_all_positions_at_once_ablation(tmp_path):
   """`Schedule.progressive=False`: k-means codebooks position by position on the warm-up model,
   one joint stage, unique IDs; `assign` (through the manifest) gives back the same codes."""
   schedule = dataclasses.replace(_SCHEDULE, progressive=False, joint_steps=4)
+  stats = _index_tiny_corpus(tmp_path, schedule)
   with settings.configured(_TINY):
-    stats = index_pipeline.index(
-        model_dir=str(tmp_path), index_task="lmindexer.synthetic.index",
-        t5_config=T5_CONFIG.replace(vocab_size=0), schedule=schedule, max_length=24,
-        config=indexer.IndexerConfig(codebook_sizes=(2, 2)),
-        partitioner=partitioning.Partitioner(num_devices=1))
     corpus = index_pipeline.load_corpus("lmindexer.synthetic.index", 24)
   assert stats["unique"] and not stats["progressive"]
   assert not (tmp_path / "stages" / "nocode_0" / "metrics.jsonl").exists()  # no steps there
@@ -582,12 +588,8 @@ def test_ema_quantizer_pipeline_assigns_nearest_codewords(tmp_path):
   """The whole schedule with the EMA quantizer: unique IDs, and `assign` (L2 nearest codeword
   per position) gives back the pipeline's codes."""
   schedule = dataclasses.replace(_SCHEDULE, nocode_steps=0, quantized_steps=4)
+  stats = _index_tiny_corpus(tmp_path, schedule, quantizer_kind="ema_vq")
   with settings.configured(_TINY):
-    stats = index_pipeline.index(
-        model_dir=str(tmp_path), index_task="lmindexer.synthetic.index",
-        t5_config=T5_CONFIG.replace(vocab_size=0), schedule=schedule, max_length=24,
-        config=indexer.IndexerConfig(codebook_sizes=(2, 2), quantizer_kind="ema_vq"),
-        partitioner=partitioning.Partitioner(num_devices=1))
     corpus = index_pipeline.load_corpus("lmindexer.synthetic.index", 24)
   assert stats["unique"]
   lines = (tmp_path / "stages" / "quantized_1" / "metrics.jsonl").read_text().splitlines()
@@ -602,12 +604,7 @@ def test_kmeans_only_ablation_gives_the_kmeans_codes_of_the_warmed_up_model(tmp_
   """No no-codebook and no quantized steps: each position's code is its k-means code and the
   T5 encoder stays at the warm-up's parameters."""
   schedule = dataclasses.replace(_SCHEDULE, nocode_steps=0, quantized_steps=0)
-  with settings.configured(_TINY):
-    stats = index_pipeline.index(
-        model_dir=str(tmp_path), index_task="lmindexer.synthetic.index",
-        t5_config=T5_CONFIG.replace(vocab_size=0), schedule=schedule, max_length=24,
-        config=indexer.IndexerConfig(codebook_sizes=(2, 2)),
-        partitioner=partitioning.Partitioner(num_devices=1))
+  stats = _index_tiny_corpus(tmp_path, schedule)
   assert stats["unique"]
   stages = tmp_path / "stages"
   codes_NxC = semantic_ids.read(str(tmp_path / "semantic_ids.tsv")).codes
