@@ -115,7 +115,7 @@ def sample_reconstruction_mask(
   if rng is None:
     return mask_BxLxS
   batch, length = doc_tokens_BxL.shape
-  keep_BxLxL = jax.random.bernoulli(rng, 1.0 - jnp.asarray(mask_ratio, jnp.float32),
+  keep_BxLxL, _ = t5.bernoulli_keep(rng, 1.0 - jnp.asarray(mask_ratio, jnp.float32),
                                     (batch, length, length))
   ids_BxLxC = jnp.ones((batch, length, num_id_slots), bool)
   return mask_BxLxS & jnp.concatenate([ids_BxLxC, keep_BxLxL], axis=-1)
@@ -147,7 +147,7 @@ class ReconstructorLayer(nn.Module):
 
 
 def _residual(cfg: t5.T5Config, x, y, enable_dropout):
-  y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not enable_dropout)
+  y = t5.Dropout(cfg.dropout_rate)(y, deterministic=not enable_dropout)
   return nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
 
 
@@ -203,7 +203,7 @@ class Reconstructor(nn.Module):
     # Keys/values: [ID slots; document tokens], positions 0..S-1.
     kv_BxSxD = jnp.concatenate([id_embs_BxCxD.astype(block_cfg.dtype),
                                 doc_embs_BxLxD.astype(block_cfg.dtype)], axis=1)
-    kv_BxSxD = nn.Dropout(block_cfg.dropout_rate)(kv_BxSxD, deterministic=not enable_dropout)
+    kv_BxSxD = t5.Dropout(block_cfg.dropout_rate)(kv_BxSxD, deterministic=not enable_dropout)
     kv_BxSxD = nn.with_logical_constraint(kv_BxSxD, ("batch", "length", "embed"))
 
     # Query streams: one vector per stream, repeated at every token row.
@@ -218,7 +218,7 @@ class Reconstructor(nn.Module):
     # Streams are stacked along the query rows: attention rows are independent, so stream j's
     # rows j*L .. (j+1)*L - 1 see exactly what a separate pass would.
     q_BxMxD = jnp.repeat(slots_BxCxD.astype(block_cfg.dtype), length, axis=1)
-    q_BxMxD = nn.Dropout(block_cfg.dropout_rate)(q_BxMxD, deterministic=not enable_dropout)
+    q_BxMxD = t5.Dropout(block_cfg.dropout_rate)(q_BxMxD, deterministic=not enable_dropout)
 
     # Bias: T5 bidirectional relative positions over the S K/V positions; token row i sits at
     # position C + i (the reference's query stream is as long as the K/V stream).
@@ -235,6 +235,6 @@ class Reconstructor(nn.Module):
           q_BxMxD, kv_BxSxD, bias_BxHxMxS, enable_dropout)
     q_BxMxD = t5.LayerNorm(block_cfg.layer_norm_epsilon, block_cfg.dtype, name="final_norm")(
         q_BxMxD)
-    q_BxMxD = nn.Dropout(block_cfg.dropout_rate)(q_BxMxD, deterministic=not enable_dropout)
+    q_BxMxD = t5.Dropout(block_cfg.dropout_rate)(q_BxMxD, deterministic=not enable_dropout)
     hidden_BxLxD = jnp.sum(q_BxMxD.reshape(batch, num_streams, length, -1), axis=1)
     return nn.with_logical_constraint(hidden_BxLxD, ("batch", "length", "embed"))

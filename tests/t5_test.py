@@ -167,6 +167,37 @@ def test_dropout_needs_enable_dropout_and_an_rng():
     model.apply({"params": params}, ENCODER_TOKENS, DECODER_TOKENS, enable_dropout=True)
 
 
+def test_bernoulli_keep_rate_independence_and_sharding():
+  shape = (8, 40, 101)  # odd last dimension: the last 32-bit word is half used
+  keep, keep_prob = t5.bernoulli_keep(jax.random.key(0), 0.7, shape)
+  assert keep.shape == shape and keep.dtype == jnp.bool_
+  assert float(keep_prob) == 1 - round(0.3 * 65536) / 65536
+  assert abs(float(keep.mean()) - 0.7) < 0.01
+  # The two 16-bit draws of one word are independent: both dropped at rate 0.3**2.
+  both_dropped = ~keep[..., 0:100:2] & ~keep[..., 1:100:2]
+  assert abs(float(both_dropped.mean()) - 0.09) < 0.01
+  assert np.array_equal(t5.bernoulli_keep(jax.random.key(0), 0.7, shape)[0], keep)
+  assert not np.array_equal(t5.bernoulli_keep(jax.random.key(1), 0.7, shape)[0], keep)
+  mesh = jax.make_mesh((4, 2), ("data", "model"))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
+  sharded = jax.jit(lambda r: t5.bernoulli_keep(r, 0.7, (8, 40, 100))[0],
+                    out_shardings=sharding)(jax.random.key(0))
+  np.testing.assert_array_equal(sharded, t5.bernoulli_keep(jax.random.key(0), 0.7,
+                                                           (8, 40, 100))[0])
+
+
+def test_dropout_zeroes_or_rescales_and_keeps_the_mean():
+  x = jnp.arange(1.0, 4001.0).reshape(40, 100)
+  dropout = t5.Dropout(rate=0.25)
+  y = dropout.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  kept = np.asarray(y) != 0
+  np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+  assert abs(kept.mean() - 0.75) < 0.02
+  assert abs(float(y.mean()) / float(x.mean()) - 1) < 0.03
+  np.testing.assert_array_equal(dropout.apply({}, x, deterministic=True), x)
+  np.testing.assert_array_equal(t5.Dropout(rate=0.0).apply({}, x, deterministic=False), x)
+
+
 def test_hidden_embed_and_logits_from_hidden(model_and_params):
   model, params = model_and_params
   cfg = model.config
