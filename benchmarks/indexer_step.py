@@ -78,9 +78,11 @@ def main(argv: list[str]) -> None:
                     "max_length": max_length, "vocab_size": layout.vocab_size,
                     "emb_dim": t5_config.emb_dim, "devices": jax.device_count()}), flush=True)
 
-  # Any codes will do for timing: they only pick the negatives and the commitment targets.
-  codes_Nx1 = np.random.default_rng(0).integers(
-      0, config.codebook_sizes[0], (len(corpus.tokens_NxL), 1)).astype(np.int32)
+  # Any codes will do for timing: they only pick the negatives and the commitment targets
+  # (and stand in for the k-means codes of a quantized stage with code commitment).
+  codes_Nx2 = np.random.default_rng(0).integers(
+      0, min(config.codebook_sizes[:2]), (len(corpus.tokens_NxL), 2)).astype(np.int32)
+  codes_Nx1 = codes_Nx2[:, :1]
   stages = {
       "warmup": (indexer.Stage(0, use_codebook=False, freeze_t5=True), None),
       "nocode_0": (indexer.Stage(0, use_codebook=False), None),
@@ -94,9 +96,12 @@ def main(argv: list[str]) -> None:
     if stage.position >= len(config.codebook_sizes):
       continue
     model = indexer.IndexerModel(module, stage)
+    code_targets_N = None
+    if stage.use_codebook and config.code_commitment_weight:
+      code_targets_N = codes_Nx2[:, stage.position]
     batches = index_pipeline.DocumentBatches(
         corpus.tokens_NxL, schedule.batch_size, seed=0, prefix_codes_NxP=prefix_NxP,
-        num_negatives=config.num_negatives)
+        num_negatives=config.num_negatives, code_targets_N=code_targets_N)
     batch = jax.tree.map(jnp.asarray, next(batches))
     params = model.init_params(jax.random.PRNGKey(0), batch)
     _time(f"loss_and_grad/{name}", jax.value_and_grad(model.loss_fn, has_aux=True),
