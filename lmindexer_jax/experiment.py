@@ -6,7 +6,7 @@
    schedule bound in gin) writes the learned IDs, scheme "learned".
 2. Each baseline scheme's `make_ids(model_dir=MODEL_DIR/ids/<scheme>, encoder=...)`
    (`baselines.id_pipeline.make_ids`). Vector schemes (RQ-VAE, k-means) read the mean-pooled
-   states of the indexer's OWN trained T5 encoder (its last quantized stage), so learned and
+   states of the indexer's OWN trained T5 encoder (its final stage), so learned and
    baseline IDs start from the same representations: the comparison is of the ID schemes, not
    of encoders.
 3. For each task and scheme, fine-tune (`MODEL_DIR/<task>/<scheme>/`) at the same model size,
@@ -41,6 +41,7 @@ from lmindexer_jax import eval as eval_lib
 from lmindexer_jax import evaluation
 from lmindexer_jax import files
 from lmindexer_jax import finetune
+from lmindexer_jax import indexer_manifest
 from lmindexer_jax import models
 from lmindexer_jax import optimizers
 from lmindexer_jax import partitioning
@@ -129,14 +130,25 @@ def finetune_run(
   return int(state.step)
 
 
-def last_stage_dir(index_dir: str) -> str:
-  """The indexer run's last quantized stage (its final T5 encoder)."""
-  stages = os.path.join(index_dir, "stages")
-  positions = [int(name.rpartition("_")[2]) for name in os.listdir(stages)
-               if name.startswith("quantized_") and name.rpartition("_")[2].isdigit()]
-  if not positions:
-    raise FileNotFoundError(f"{index_dir}: no stages/quantized_<t>/ (indexing did not finish)")
-  return os.path.join(stages, f"quantized_{max(positions)}")
+def indexer_encoder(index_dir: str, t5_config: t5.T5Config, inits: Sequence[str]
+                    ) -> embeddings.EncoderSource:
+  """The finished indexer's final T5, for the vector schemes, at the indexer's own sizes.
+
+  The indexer may be sized apart from the fine-tuning runs (a scoped
+  `index_pipeline.index.t5_config`); its manifest says how. A run that starts from the indexer
+  (`inits` has "indexer") needs the same architecture: an error names both configs otherwise.
+  """
+  manifest = indexer_manifest.read_indexer_manifest(index_dir)
+
+  def architecture(config: t5.T5Config) -> t5.T5Config:
+    return config.replace(vocab_size=0, dropout_rate=0.0, dtype="float32")
+
+  if "indexer" in inits and architecture(manifest.t5_config) != architecture(t5_config):
+    raise ValueError(
+        f"init 'indexer' needs the indexer's architecture, but {index_dir} was trained with "
+        f"{manifest.t5_config} and the fine-tuning runs have {t5_config}")
+  return embeddings.EncoderSource(t5_config=manifest.t5_config,
+                                  checkpoint_dir=manifest.stage_dir(manifest.final_stage))
 
 
 def use_compilation_cache(directory: str | None) -> None:
@@ -230,7 +242,8 @@ def run(
     id_makers: scheme -> `id_pipeline.make_ids` with its settings bound; called with
       `model_dir` and `encoder` (the indexer's final encoder, used by vector schemes).
     tasks: fine-tuning task (`retrieval_indexing`, `search`, `rec`, ...) -> its input length.
-    t5_config: the model of every run (the indexer's too: an "indexer" init needs it).
+    t5_config: the model of every fine-tuning run; an "indexer" init needs the indexer's
+      architecture (the vector schemes read the indexer's own config from its manifest).
     finetune_config: the step budget shared by every run.
     init: every run's initialisation, "scratch" (default) or "indexer" (`finetune.INITS`).
     learned_init: overrides `init` for the learned IDs (e.g. "indexer"); None: `init`.
@@ -257,7 +270,7 @@ def run(
       raise RuntimeError("indexing stopped before its end (preempted): run the job again")
   else:
     _say("indexing: done before, skipped")
-  encoder = embeddings.EncoderSource(t5_config=t5_config, checkpoint_dir=last_stage_dir(index_dir))
+  encoder = indexer_encoder(index_dir, t5_config, (init, learned_init or init))
   for scheme, make_ids in id_makers.items():
     scheme_dir = os.path.join(model_dir, "ids", scheme)
     id_files[scheme] = os.path.join(scheme_dir, semantic_ids.FILE_NAME)

@@ -17,6 +17,8 @@ import pytest
 from lmindexer_jax import checkpoints
 from lmindexer_jax import experiment
 from lmindexer_jax import gin_utils
+from lmindexer_jax import indexer
+from lmindexer_jax import indexer_manifest
 from lmindexer_jax import partitioning
 from lmindexer_jax import t5
 from lmindexer_jax import train
@@ -40,8 +42,8 @@ TASKS = {"retrieval_indexing": 32, "rec": 32}
 SCHEMES = ("learned", "rqvae")  # random IDs: the same path without vectors (eval_test uses them)
 
 
-def fake_indexer(calls: list, *, model_dir: str) -> dict:
-  """What the indexer leaves: a last quantized stage (T5 + codebooks) and its IDs.
+def fake_indexer(calls: list, *, model_dir: str, t5_config: t5.T5Config = T5_CONFIG) -> dict:
+  """What the indexer leaves: a last quantized stage (T5 + codebooks), its IDs and manifest.
 
   The IDs are the planted topic codes of the first two levels (what a perfect indexer finds).
   """
@@ -49,13 +51,13 @@ def fake_indexer(calls: list, *, model_dir: str) -> dict:
   corpus = synthetic.build(TINY)
   base = synthetic.vocabulary(TINY).vocab_size
   layout = vocabularies.IdLayout(base, CODEBOOKS)
-  config = T5_CONFIG.replace(vocab_size=layout.vocab_size)
+  config = t5_config.replace(vocab_size=layout.vocab_size)
   tokens = jnp.ones((1, 1), jnp.int32)
   t5_params = nn.unbox(t5.Transformer(config).init(
       jax.random.PRNGKey(5), tokens, tokens, enable_dropout=False)["params"])
   rng = np.random.default_rng(0)
   params = {"t5": t5_params, **{f"quantizers_{t}": {"codebook": rng.normal(
-      size=(k, 32)).astype(np.float32)} for t, k in enumerate(CODEBOOKS)}}
+      size=(k, config.emb_dim)).astype(np.float32)} for t, k in enumerate(CODEBOOKS)}}
   stage = os.path.join(model_dir, "stages", f"quantized_{len(CODEBOOKS) - 1}", "checkpoints")
   checkpointer = checkpoints.Checkpointer(stage, checkpoints.CheckpointConfig(keep=1))
   checkpointer.save(3, train.TrainState(jnp.asarray(3, jnp.int32), params, ()))
@@ -64,22 +66,27 @@ def fake_indexer(calls: list, *, model_dir: str) -> dict:
   codes, size = semantic_ids.append_disambiguation(planted)
   semantic_ids.write(os.path.join(model_dir, semantic_ids.FILE_NAME), corpus.doc_ids, codes,
                      codebook_sizes=CODEBOOKS, disambiguation_size=size)
+  indexer_manifest.write_indexer_manifest(
+      model_dir, index_task=INDEX_TASK, t5_config=config,
+      config=indexer.IndexerConfig(codebook_sizes=CODEBOOKS), max_length=24,
+      base_vocabulary=synthetic.vocabulary(TINY))
   return {}
 
 
-def _run(model_dir, calls, workers=1):
+def _run(model_dir, calls, workers=1, indexer_config=T5_CONFIG, tasks=TASKS,
+         learned_init="indexer"):
   make_ids = functools.partial(id_pipeline.make_ids, index_task=INDEX_TASK,
                                codebook_sizes=CODEBOOKS, max_length=24)
   config = rqvae.RqVaeConfig(latent_dim=8, hidden_dims=(32,), num_steps=20, batch_size=64,
                              reset_window=0, kmeans_iters=5)
   return experiment.run(
       model_dir=str(model_dir), index_task=INDEX_TASK,
-      indexer=functools.partial(fake_indexer, calls),
+      indexer=functools.partial(fake_indexer, calls, t5_config=indexer_config),
       id_makers={"rqvae": functools.partial(make_ids, scheme="rqvae", rqvae_config=config)},
-      tasks=TASKS, t5_config=T5_CONFIG,
+      tasks=tasks, t5_config=T5_CONFIG,
       finetune_config=experiment.FinetuneConfig(train_steps=8, batch_size=16, warmup_steps=2,
                                                 target_length=4, log_period=4),
-      learned_init="indexer", beam_size=10, eval_batch_size=32,
+      learned_init=learned_init, beam_size=10, eval_batch_size=32,
       partitioner=partitioning.Partitioner(num_devices=1), compilation_cache=True,
       workers=workers)
 
@@ -174,6 +181,18 @@ def test_finetune_dropout_rate_replaces_the_models(job, monkeypatch):
           id_file=str(model_dir / "index" / semantic_ids.FILE_NAME), t5_config=T5_CONFIG,
           input_length=32, config=experiment.FinetuneConfig(dropout_rate=rate))
   assert rates == [T5_CONFIG.dropout_rate, 0.3]
+
+
+def test_vector_schemes_use_the_indexers_own_sizes(tmp_path):
+  """An indexer sized apart from the fine-tuning runs (a scoped `index_pipeline.index.t5_config`):
+  RQ-VAE encodes with the indexer's sizes, and starting the learned runs from it is refused."""
+  wide = T5_CONFIG.replace(emb_dim=48, mlp_dim=96)
+  with settings.configured(TINY):
+    _run(tmp_path, [], indexer_config=wide, tasks={}, learned_init=None)
+    vectors = np.load(tmp_path / "ids" / "rqvae" / id_pipeline.EMBEDDINGS_FILE)
+    assert vectors.shape == (TINY.num_docs, 48)
+    with pytest.raises(ValueError, match="init 'indexer' needs the indexer's architecture"):
+      _run(tmp_path, [], indexer_config=wide, tasks={})
 
 
 def test_gin_files_parse(monkeypatch):
