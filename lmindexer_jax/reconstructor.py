@@ -116,7 +116,7 @@ def sample_reconstruction_mask(
     return mask_BxLxS
   batch, length = doc_tokens_BxL.shape
   keep_BxLxL, _ = t5.bernoulli_keep(rng, 1.0 - jnp.asarray(mask_ratio, jnp.float32),
-                                    (batch, length, length))
+                                     (batch, length, length))
   ids_BxLxC = jnp.ones((batch, length, num_id_slots), bool)
   return mask_BxLxS & jnp.concatenate([ids_BxLxC, keep_BxLxL], axis=-1)
 

@@ -115,10 +115,10 @@ def bernoulli_keep(rng: jax.Array, keep_prob: float | jax.Array, shape: Sequence
                    ) -> tuple[jax.Array, jax.Array]:
   """A bool mask, True with probability `keep_prob` (rounded to 1/65536), and that probability.
 
-  Each threefry word gives two 16-bit draws, so the mask costs a quarter of the 64-bit threefry
-  evaluations of `jax.random.bernoulli` (which spends one per element and keeps 32 bits of it):
-  dropout's RNG was ~40% of a fine-tuning step on CPU. Counters follow the shape, as with
-  partitionable threefry, so a sharded mask equals the unsharded one.
+  Each 32-bit random word gives two 16-bit draws compared with an integer threshold: half the
+  threefry evaluations of `jax.random.bernoulli` (one per element, then a float uniform), 3.4x
+  faster on CPU, where dropout's masks were ~45% of a small model's fine-tuning step. Counters
+  follow the shape, as with partitionable threefry, so a sharded mask equals the unsharded one.
   """
   *lead, n = tuple(shape) or (1,)
   words = -(-n // 2)
@@ -288,7 +288,7 @@ class MultiHeadAttention(nn.Module):
       bias_BxGxHxTxS = bias_BxHxTxS[:, None]
     weights_BxGxHxTxS = jax.nn.softmax(logits_BxGxHxTxS + bias_BxGxHxTxS).astype(cfg.dtype)
     weights_BxGxHxTxS = Dropout(cfg.dropout_rate)(weights_BxGxHxTxS,
-                                                     deterministic=not enable_dropout)
+                                                  deterministic=not enable_dropout)
     out_BxGxTxHxK = jnp.einsum("bghts,bshk->bgthk", weights_BxGxHxTxS, v_BxSxHxK.astype(cfg.dtype))
     out_BxTxHxK = out_BxGxTxHxK.reshape(batch, length, heads, head_dim)
     return DenseGeneral(
