@@ -260,9 +260,26 @@ def load_checkpoint(hf_dir: str, dtype: Any = jnp.float32) -> tuple[t5.T5Config,
 
 def _abstract_params(cfg: t5.T5Config):
   tokens = jnp.ones((1, 1), jnp.int32)
-  variables = jax.eval_shape(
-      lambda: t5.Transformer(cfg).init(jax.random.key(0), tokens, tokens, enable_dropout=False))
-  return nn.unbox(variables["params"])
+  # Unboxed while traced: under a caller's mesh (`train`'s init_params_fn) unboxing applies
+  # sharding constraints, which shape-only values cannot take.
+  return jax.eval_shape(lambda: nn.unbox(t5.Transformer(cfg).init(
+      jax.random.key(0), tokens, tokens, enable_dropout=False)["params"]))
+
+
+def check_params_fit(params: Mapping[str, Any], cfg: t5.T5Config, source: str) -> None:
+  """Raises ValueError, naming `source` and the first parameters that differ, unless `params`
+  have exactly the shapes of `Transformer(cfg)`'s (e.g. a checkpoint of another architecture)."""
+  got = {jax.tree_util.keystr(k): _shape(v) for k, v in
+         jax.tree_util.tree_flatten_with_path(params)[0]}
+  want = {jax.tree_util.keystr(k): _shape(v) for k, v in
+          jax.tree_util.tree_flatten_with_path(_abstract_params(cfg))[0]}
+  differences = [f"{name}: {got.get(name, 'missing')} where the model has "
+                 f"{want.get(name, 'none')}"
+                 for name in sorted(set(got) | set(want)) if got.get(name) != want.get(name)]
+  if differences:
+    raise ValueError(f"{source}: the parameters do not fit the model ({cfg}): "
+                     + "; ".join(differences[:3])
+                     + (f"; and {len(differences) - 3} more" if len(differences) > 3 else ""))
 
 
 def load_vocabulary(hf_dir: str, extra_ids: int = 100):

@@ -130,23 +130,10 @@ def finetune_run(
   return int(state.step)
 
 
-def indexer_encoder(index_dir: str, t5_config: t5.T5Config, inits: Sequence[str]
-                    ) -> embeddings.EncoderSource:
-  """The finished indexer's final T5, for the vector schemes, at the indexer's own sizes.
-
-  The indexer may be sized apart from the fine-tuning runs (a scoped
-  `index_pipeline.index.t5_config`); its manifest says how. A run that starts from the indexer
-  (`inits` has "indexer") needs the same architecture: an error names both configs otherwise.
-  """
+def indexer_encoder(index_dir: str) -> embeddings.EncoderSource:
+  """The finished indexer's final T5, for the vector schemes, at the indexer's own sizes (which
+  a scoped `index_pipeline.index.t5_config` may set apart from the fine-tuning runs')."""
   manifest = indexer_manifest.read_indexer_manifest(index_dir)
-
-  def architecture(config: t5.T5Config) -> t5.T5Config:
-    return config.replace(vocab_size=0, dropout_rate=0.0, dtype="float32")
-
-  if "indexer" in inits and architecture(manifest.t5_config) != architecture(t5_config):
-    raise ValueError(
-        f"init 'indexer' needs the indexer's architecture, but {index_dir} was trained with "
-        f"{manifest.t5_config} and the fine-tuning runs have {t5_config}")
   return embeddings.EncoderSource(t5_config=manifest.t5_config,
                                   checkpoint_dir=manifest.stage_dir(manifest.final_stage))
 
@@ -270,7 +257,7 @@ def run(
       raise RuntimeError("indexing stopped before its end (preempted): run the job again")
   else:
     _say("indexing: done before, skipped")
-  encoder = indexer_encoder(index_dir, t5_config, (init, learned_init or init))
+  encoder = indexer_encoder(index_dir)
   for scheme, make_ids in id_makers.items():
     scheme_dir = os.path.join(model_dir, "ids", scheme)
     id_files[scheme] = os.path.join(scheme_dir, semantic_ids.FILE_NAME)

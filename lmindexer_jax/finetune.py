@@ -179,6 +179,10 @@ def initial_params(
   Returns:
     T5 parameters with numpy leaves; rows [0, shared_rows) of the token embedding (and
     columns of an untied head) are the source's, the rest are freshly initialised.
+
+  Raises:
+    ValueError: a bad `init`, or a source whose vocabulary or architecture (parameter shapes,
+      `checkpoint_import.check_params_fit`) is not `t5_config`'s.
   """
   if init not in INITS:
     raise ValueError(f"INIT must be one of {INITS}, got {init!r}")
@@ -222,6 +226,8 @@ def initial_params(
   else:
     source, shared = None, 0
     params = _scratch_params(t5_config, seed)
+  if source is not None:
+    checkpoint_import.check_params_fit(params, t5_config, source)
   if jax.process_index() == 0:
     files.write_json(os.path.join(model_dir, INIT_FILE), {
         "init": init,

@@ -187,12 +187,15 @@ def test_vector_schemes_use_the_indexers_own_sizes(tmp_path):
   """An indexer sized apart from the fine-tuning runs (a scoped `index_pipeline.index.t5_config`):
   RQ-VAE encodes with the indexer's sizes, and starting the learned runs from it is refused."""
   wide = T5_CONFIG.replace(emb_dim=48, mlp_dim=96)
-  with settings.configured(TINY):
-    _run(tmp_path, [], indexer_config=wide, tasks={}, learned_init=None)
-    vectors = np.load(tmp_path / "ids" / "rqvae" / id_pipeline.EMBEDDINGS_FILE)
-    assert vectors.shape == (TINY.num_docs, 48)
-    with pytest.raises(ValueError, match="init 'indexer' needs the indexer's architecture"):
-      _run(tmp_path, [], indexer_config=wide, tasks={})
+  try:
+    with settings.configured(TINY):
+      _run(tmp_path, [], indexer_config=wide, tasks={}, learned_init=None)
+      vectors = np.load(tmp_path / "ids" / "rqvae" / id_pipeline.EMBEDDINGS_FILE)
+      assert vectors.shape == (TINY.num_docs, 48)
+      with pytest.raises(ValueError, match="do not fit the model"):
+        _run(tmp_path, [], indexer_config=wide, tasks={"rec": 32})
+  finally:
+    experiment.use_compilation_cache(None)  # `_run` pointed it at tmp_path
 
 
 def test_gin_files_parse(monkeypatch):

@@ -132,6 +132,12 @@ def test_init_from_a_saved_indexer_t5(tmp_path):
     finetune.initial_params(init="indexer", t5_config=config, task_name=TASK,
                             model_dir=str(tmp_path / "run"), index_dir=str(tmp_path / "other"))
 
+  # So is an indexer of another architecture (one layer each side instead of two).
+  finetune.save_indexer_t5(str(tmp_path / "shallow"), _indexer_t5(shared, num_layers=1))
+  with pytest.raises(ValueError, match=r"do not fit the model .*\['decoder'\]\['layers_1'\]"):
+    finetune.initial_params(init="indexer", t5_config=config, task_name=TASK,
+                            model_dir=str(tmp_path / "run"), index_dir=str(tmp_path / "shallow"))
+
 
 def _fake_index_run(index_dir: pathlib.Path, id_file: str, codebook_sizes, t5_params) -> dict:
   """A finished indexing run's last quantized stage, written by the trainer's checkpointer."""
@@ -203,7 +209,7 @@ def test_init_from_hugging_face(tmp_path, monkeypatch):
 
   def fake_pretrained_params(path, vocab_size=None, seed=0):
     calls.append((path, vocab_size, seed))
-    return {"token_embedder": {"embedding": np.zeros((vocab_size, 32), np.float32)}}
+    return _indexer_t5(vocab_size)  # a T5 of the fine-tuning model's architecture
 
   monkeypatch.setattr(checkpoint_import, "pretrained_params", fake_pretrained_params)
   finetune.initial_params(init="hf", t5_config=finetune.task_model_config(_tiny_config(0), TASK),
