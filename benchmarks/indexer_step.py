@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
                     "max_length": max_length, "vocab_size": layout.vocab_size,
                     "emb_dim": t5_config.emb_dim, "devices": jax.device_count()}), flush=True)
 
-  # Any codes will do for timing: they only pick the negatives and the commitment targets
+  # Any codes will do for timing: they only group the siblings and give the commitment targets
   # (and stand in for the k-means codes of a quantized stage with code commitment).
   codes_Nx2 = np.random.default_rng(0).integers(
       0, min(config.codebook_sizes[:2]), (len(corpus.tokens_NxL), 2)).astype(np.int32)

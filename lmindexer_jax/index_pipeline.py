@@ -19,7 +19,7 @@ Each stage lives in `MODEL_DIR/stages/<name>/`; a training stage resumes from it
 checkpoint and a finished stage (its `done.json`) is skipped, so a rerun after a kill goes on
 where it stopped.
 
-Legend: N documents, L length, D d_model, B batch, P previous codes, G negatives, K codes.
+Legend: N documents, L length, D d_model, B batch, P previous codes, K codes.
 """
 
 import dataclasses
@@ -172,13 +172,15 @@ def load_corpus(task_name: str, max_length: int, *, module: str | None = "tasks"
 
 
 class DocumentBatches(data.BatchIterator):
-  """Shuffled batches of the corpus (each process its own share), with same-prefix negatives.
+  """Shuffled batches of the corpus (each process its own share); at t > 0 siblings batched
+  together.
 
-  Epoch e visits this process's documents in the order of a permutation seeded by (seed, e);
-  batches never straddle epochs. The position (epoch, batch) is the whole state, so it is
-  saved as JSON. At t > 0 each batch also carries the documents' prefix codes and
-  `num_negatives` siblings per document, sampled with a generator seeded by the position; given
-  `code_targets_N` (quantized stages with code commitment: the k-means codes), their
+  Epoch e visits this process's documents in an order seeded by (seed, e); batches never
+  straddle epochs. The position (epoch, batch) is the whole state, so it is saved as JSON. At
+  t > 0 each batch also carries the documents' prefix codes, and the order puts documents that
+  share a prefix in runs of `num_negatives + 1` (`siblings.grouped_order`), so that each has
+  `num_negatives` same-prefix negatives among the batch's other rows. Given `code_targets_N`
+  (quantized stages with code commitment: the k-means codes), batches carry their
   `code_targets`.
   """
 
@@ -191,13 +193,25 @@ class DocumentBatches(data.BatchIterator):
     if self._batch > len(self._docs):
       raise ValueError(f"batch_size ({batch_size}) exceeds the {len(tokens_NxL)} documents.")
     self._seed = seed
-    self._prefix = prefix_codes_NxP
-    self._num_negatives = num_negatives
-    self._targets = code_targets_N
-    self._groups = None
+    self._prefix = None
     if prefix_codes_NxP is not None and prefix_codes_NxP.shape[1] > 0:
-      self._groups = siblings.build_sibling_groups(siblings.prefix_group_ids(prefix_codes_NxP))
+      self._prefix = np.asarray(prefix_codes_NxP, np.int32)
+      self._groups = siblings.prefix_group_ids(self._prefix[self._docs])
+    self._chunk = num_negatives + 1
+    self._targets = code_targets_N
     self._epoch, self._position = 0, 0
+    self._cached_order = (-1, None)
+
+  def _order(self) -> np.ndarray:
+    """This epoch's document order, computed once per epoch."""
+    if self._cached_order[0] != self._epoch:
+      rng = np.random.default_rng([self._seed, self._epoch])
+      if self._prefix is None:
+        order = rng.permutation(self._docs)
+      else:
+        order = self._docs[siblings.grouped_order(rng, self._groups, self._chunk)]
+      self._cached_order = (self._epoch, order)
+    return self._cached_order[1]
 
   @property
   def element_spec(self):
@@ -205,31 +219,19 @@ class DocumentBatches(data.BatchIterator):
     spec = {"encoder_input_tokens": jax.ShapeDtypeStruct((b, length), np.int32)}
     if self._targets is not None:
       spec["code_targets"] = jax.ShapeDtypeStruct((b,), np.int32)
-    if self._groups is not None:
-      g = self._num_negatives
-      spec.update(
-          prefix_codes=jax.ShapeDtypeStruct((b, self._prefix.shape[1]), np.int32),
-          negative_tokens=jax.ShapeDtypeStruct((b, g, length), np.int32),
-          negative_mask=jax.ShapeDtypeStruct((b, g), np.bool_),
-      )
+    if self._prefix is not None:
+      spec["prefix_codes"] = jax.ShapeDtypeStruct((b, self._prefix.shape[1]), np.int32)
     return spec
 
   def __next__(self) -> dict[str, np.ndarray]:
     if (self._position + 1) * self._batch > len(self._docs):
       self._epoch, self._position = self._epoch + 1, 0
-    order = np.random.default_rng([self._seed, self._epoch]).permutation(self._docs)
-    idx_B = order[self._position * self._batch:(self._position + 1) * self._batch]
+    idx_B = self._order()[self._position * self._batch:(self._position + 1) * self._batch]
     batch = {"encoder_input_tokens": self._tokens[idx_B]}
     if self._targets is not None:
       batch["code_targets"] = self._targets[idx_B].astype(np.int32)
-    if self._groups is not None:
-      rng = np.random.default_rng([self._seed, self._epoch, self._position, 1])
-      neg_BxG, mask_BxG = siblings.sample_siblings(rng, idx_B, self._groups, self._num_negatives)
-      batch.update(
-          prefix_codes=self._prefix[idx_B].astype(np.int32),
-          negative_tokens=self._tokens[neg_BxG],
-          negative_mask=mask_BxG.astype(np.bool_),
-      )
+    if self._prefix is not None:
+      batch["prefix_codes"] = self._prefix[idx_B]
     self._position += 1
     return batch
 

@@ -9,8 +9,8 @@ document at position t. The losses (weights in `IndexerConfig`):
   (the previous codes' embeddings and h_t, quantized once the codebook exists) and a random
   subset of the other tokens (`reconstructor.py`);
 - contrastive: two dropout views of a document are positives; at t = 0 the rest of the global
-  batch are negatives, at t > 0 documents sharing the prefix (`siblings.py`), so position t
-  separates siblings;
+  batch are negatives, at t > 0 the batch's documents sharing the prefix (the input pipeline
+  batches siblings together, `siblings.py`), so position t separates siblings;
 - commitment: the decoder keeps predicting the earlier codes (`losses.commitment_loss`);
 - code commitment (optional, not in the reference): the quantizer's logits keep choosing the
   k-means code (`losses.code_commitment_loss`).
@@ -18,7 +18,7 @@ document at position t. The losses (weights in `IndexerConfig`):
 This module holds the Flax module and its `models.BaseModel`; `index_pipeline.py` runs the
 progressive schedule over the corpus.
 
-Legend: B batch, L document length, D d_model, P previous codes (= t), G negatives, V vocab,
+Legend: B batch, L document length, D d_model, P previous codes (= t), V vocab,
 K codebook size.
 """
 
@@ -43,7 +43,8 @@ class IndexerConfig:
   Attributes:
     codebook_sizes: K_t of each learned position.
     mask_ratios: reconstruction mask ratio at position 1 and after (the reference: 0.5, 0.7).
-    num_negatives: same-prefix negatives per document at t > 0.
+    num_negatives: same-prefix negatives per document at t > 0: siblings are batched in runs of
+      num_negatives + 1 (more when the batch holds more of the group).
     contrastive_temperature: divides contrastive scores (the reference: 1, raw dot product).
     contrastive_normalize: cosine instead of dot-product contrastive scores.
     contrastive_weight: one weight, or (position 1, later positions): in-batch negatives at
@@ -278,8 +279,8 @@ class Stage:
 class IndexerModel(models.BaseModel):
   """The indexer's loss at one stage, for `train.train`.
 
-  Batches hold `encoder_input_tokens` [B, L] and, at t > 0, `prefix_codes` [B, t],
-  `negative_tokens` [B, G, L] and `negative_mask` [B, G]; with code commitment, the quantized
+  Batches hold `encoder_input_tokens` [B, L] and, at t > 0, `prefix_codes` [B, t] (rows with
+  the same prefix are each other's contrastive negatives); with code commitment, the quantized
   stages' batches hold `code_targets` [B], the codes k-means gave (the kmeans_t stage).
   """
 
@@ -335,7 +336,7 @@ class IndexerModel(models.BaseModel):
     batch_size = tokens_BxL.shape[0]
     prefix_BxP = batch.get("prefix_codes", jnp.zeros((batch_size, 0), jnp.int32))
     deterministic = rng is None
-    apply, rngs = self._applier(params, rng, ("view1", "view2", "negatives", "mask", "gumbel"))
+    apply, rngs = self._applier(params, rng, ("view1", "view2", "mask", "gumbel"))
     h_BxD, commit_logits_BxPxV = apply(
         SemanticIndexer.represent, tokens_BxL, prefix_BxP, enable_dropout=not deterministic,
         rng_name="view1")
@@ -392,16 +393,12 @@ class IndexerModel(models.BaseModel):
             h_BxD, h2_BxD, temperature=cfg.contrastive_temperature,
             normalize=cfg.contrastive_normalize)
       else:
-        negatives_BxGxL = batch["negative_tokens"]
-        g = negatives_BxGxL.shape[1]
-        neg_tokens = negatives_BxGxL.reshape(batch_size * g, -1)
-        # Siblings share the prefix, so they are encoded with the same one.
-        neg_prefix = jnp.repeat(prefix_BxP, g, axis=0)
-        neg_h, _ = apply(SemanticIndexer.represent, neg_tokens, neg_prefix,
-                         enable_dropout=True, rng_name="negatives")
-        loss, m = losses.prefix_contrastive_loss(
-            h_BxD, h2_BxD, neg_h.reshape(batch_size, g, -1), batch["negative_mask"],
-            temperature=cfg.contrastive_temperature, normalize=cfg.contrastive_normalize)
+        # Same-prefix siblings are the batch's other rows with the same prefix
+        # (`index_pipeline.DocumentBatches` batches them together).
+        loss, m = losses.in_batch_contrastive_loss(
+            h_BxD, h2_BxD, temperature=cfg.contrastive_temperature,
+            normalize=cfg.contrastive_normalize, groups_BxP=prefix_BxP)
+        m = {f"prefix_{key}": value for key, value in m.items()}
       total += contrastive_weight * loss
       metrics.update(m)
 
@@ -420,8 +417,8 @@ class IndexerModel(models.BaseModel):
     The ablation of the progressive schedule. Each h_t is quantized with the tied codebook
     (`SemanticIndexer.tied_codebook`); the reconstructor reads all C quantized vectors (mask
     ratio of the later positions). Contrastive: at position 1 against the batch, at t > 1
-    against the batch's documents with the same current prefix (no sibling sampling: the
-    prefixes change as the codes do). No commitment loss: there are no earlier codes to keep.
+    against the batch's documents with the same current prefix (the batches are not grouped:
+    the prefixes change as the codes do). No commitment loss: there are no earlier codes to keep.
     """
     cfg = self.module.config
     tokens_BxL = batch["encoder_input_tokens"]
@@ -467,16 +464,13 @@ class IndexerModel(models.BaseModel):
       if self.module.t5_config.dropout_rate:
         h2_BxCxD, _ = apply(SemanticIndexer.represent_all, tokens_BxL, enable_dropout=True,
                             rng_name="view2")
-      group_B = jnp.zeros(tokens_BxL.shape[:1], jnp.int32)
       for t in range(num_positions):
-        if t:  # The prefix c_1..c_t as one number (mixed radix).
-          group_B = group_B * cfg.codebook_sizes[t - 1] + codes_BxC[:, t - 1]
         weight = cfg.contrastive_weight_at(t)
         if not weight:
           continue
         loss, m = losses.in_batch_contrastive_loss(
             h_BxCxD[:, t], h2_BxCxD[:, t], temperature=cfg.contrastive_temperature,
-            normalize=cfg.contrastive_normalize, groups_B=group_B if t else None)
+            normalize=cfg.contrastive_normalize, groups_BxP=codes_BxC[:, :t] if t else None)
         total += weight * loss
         metrics.update({f"{key}_{t + 1}": value for key, value in m.items()})
 

@@ -2,8 +2,8 @@
 
 * `reconstruction_loss`: token cross-entropy of the reconstructor's rows under the LM head
   (all positions), scored in cache-sized chunks (`chunked_token_cross_entropy`).
-* `in_batch_contrastive_loss`: SimCSE between two dropout views, in-batch negatives (position 1).
-* `prefix_contrastive_loss`: InfoNCE against same-prefix siblings as hard negatives (position > 1).
+* `in_batch_contrastive_loss`: SimCSE between two dropout views, in-batch negatives: the whole
+  batch at position 1, the same-prefix siblings in the batch after it.
 * `commitment_loss`: the reference's "commitment": cross-entropy of the indexer's decoder logits
   on the codes already assigned at the earlier positions, each within its own ID-token slice.
 * `code_commitment_loss`: cross-entropy of the quantizer's logits on the codes a document must
@@ -13,7 +13,7 @@ Every mean is over the whole (global) batch: under `jit` with a batch-sharded in
 global, so negatives and normalisers span all devices (the reference's are per device).
 The indexer weights and sums these terms in one place and puts every metric in its dict.
 
-Shape letters: B batch, L document length, V vocab, D emb_dim, N negatives per doc,
+Shape letters: B batch, L document length, V vocab, D emb_dim,
 T decoder length, P previous ID positions (t - 1 at position t).
 """
 
@@ -165,13 +165,17 @@ def reconstruction_loss(hidden_BxLxD: jax.Array, head_DxV: jax.Array, tokens_BxL
 
 def in_batch_contrastive_loss(
     q_BxD: jax.Array, k_BxD: jax.Array, *, temperature: float = 1.0, normalize: bool = False,
-    weights_B: jax.Array | None = None, groups_B: jax.Array | None = None,
+    weights_B: jax.Array | None = None, groups_BxP: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
   """SimCSE: row b's positive is k_b (the same doc under other dropout), negatives the other k's.
 
   `scores = q k^T / temperature`, cross-entropy with the diagonal as target, mean over rows. The
   defaults (raw dot product, temperature 1, no normalisation) reproduce the reference. Unlike
   the reference, the negatives are the whole global batch when the batch is sharded under jit.
+  With `groups_BxP` (the ID prefixes at position > 1) the negatives are the rows of the same
+  group only: same-prefix siblings, which the input pipeline batches together
+  (`siblings.grouped_order`). A row alone in its group is left out (the reference scores such
+  documents against copies of themselves).
 
   Args:
     q_BxD: first view of each doc.
@@ -180,11 +184,12 @@ def in_batch_contrastive_loss(
     normalize: cosine scores (L2-normalised q and k) instead of dot products.
     weights_B: optional row weights; a row with weight 0 (batch padding) is neither a query nor
       a negative.
-    groups_B: optional int group per row (e.g. the ID prefix): negatives are the other rows of
-      the same group only, and a row alone in its group is left out.
+    groups_BxP: optional int group of each row, [B] or [B, P] (rows are in one group iff all P
+      entries are equal).
 
   Returns:
-    (loss, {contrastive_loss, contrastive_accuracy}); accuracy = share of rows whose positive
+    (loss, {contrastive_loss, contrastive_accuracy} and, with groups, contrastive_rows_used: the
+    weighted share of rows with at least one negative); accuracy = share of rows whose positive
     scores highest.
   """
   q_BxD, k_BxD = q_BxD.astype(jnp.float32), k_BxD.astype(jnp.float32)
@@ -194,12 +199,16 @@ def in_batch_contrastive_loss(
   batch = q_BxD.shape[0]
   if weights_B is None:
     weights_B = jnp.ones((batch,), jnp.float32)
-  weights_B = weights_B.astype(jnp.float32)
+  weights_B = all_weights_B = weights_B.astype(jnp.float32)
   allowed_BxB = jnp.broadcast_to(weights_B[None, :] > 0, scores_BxB.shape)
-  if groups_B is not None:
-    allowed_BxB &= groups_B[:, None] == groups_B[None, :]
+  metrics = {}
+  if groups_BxP is not None:
+    groups_BxP = groups_BxP.reshape(batch, -1)
+    allowed_BxB &= jnp.all(groups_BxP[:, None, :] == groups_BxP[None, :, :], axis=-1)
     others_B = jnp.sum(allowed_BxB, axis=-1) - (weights_B > 0)
     weights_B = jnp.where(others_B > 0, weights_B, 0.0)
+    metrics["contrastive_rows_used"] = jnp.sum(weights_B) / jnp.maximum(
+        jnp.sum(all_weights_B), 1e-9)
   targets_B = jnp.arange(batch)
   scores_BxB = jnp.where(allowed_BxB | (targets_B[:, None] == targets_B[None, :]), scores_BxB,
                          _NEG_INF)
@@ -207,56 +216,7 @@ def in_batch_contrastive_loss(
   correct_B = (jnp.argmax(scores_BxB, axis=-1) == targets_B).astype(jnp.float32)
   loss = _weighted_mean(ce_B, weights_B)
   return loss, {"contrastive_loss": loss,
-                "contrastive_accuracy": _weighted_mean(correct_B, weights_B)}
-
-
-def prefix_contrastive_loss(
-    q_BxD: jax.Array, pos_BxD: jax.Array, neg_BxNxD: jax.Array, neg_mask_BxN: jax.Array, *,
-    temperature: float = 1.0, normalize: bool = False, weights_B: jax.Array | None = None,
-) -> tuple[jax.Array, Metrics]:
-  """InfoNCE of each doc against its positive and its same-prefix hard negatives (position > 1).
-
-  Row b scores `[pos_b, neg_b1 .. neg_bN]` (target 0), the negatives being docs that share the
-  ID prefix c_1..c_(t-1) with doc b (`siblings.sample_siblings`). Masked negatives get no
-  probability mass. A row none of whose negatives is valid (a doc alone in its prefix group) is
-  left out: weight 0, not counted in the mean. The reference's quantized model instead scores
-  such docs against copies of themselves.
-
-  Args:
-    q_BxD: the docs' representations h_t (first dropout view).
-    pos_BxD: the same docs' second dropout view.
-    neg_BxNxD: representations of the sampled siblings.
-    neg_mask_BxN: bool, True = a real negative.
-    temperature: divides the scores (reference: 1).
-    normalize: cosine scores instead of the reference's dot products.
-    weights_B: optional row weights (0 = batch padding).
-
-  Returns:
-    (loss, {prefix_contrastive_loss, prefix_contrastive_accuracy, prefix_contrastive_rows_used});
-    rows_used is the fraction of (weighted) rows with at least one negative.
-  """
-  q_BxD, pos_BxD, neg_BxNxD = (x.astype(jnp.float32) for x in (q_BxD, pos_BxD, neg_BxNxD))
-  if normalize:
-    q_BxD, pos_BxD, neg_BxNxD = _l2_normalize(q_BxD), _l2_normalize(pos_BxD), _l2_normalize(
-        neg_BxNxD)
-  pos_Bx1 = jnp.einsum("bd,bd->b", q_BxD, pos_BxD)[:, None] / temperature
-  neg_BxN = jnp.einsum("bd,bnd->bn", q_BxD, neg_BxNxD) / temperature
-  neg_BxN = jnp.where(neg_mask_BxN, neg_BxN, _NEG_INF)
-  scores_Bx1pN = jnp.concatenate([pos_Bx1, neg_BxN], axis=-1)
-  batch = q_BxD.shape[0]
-  targets_B = jnp.zeros((batch,), jnp.int32)
-  ce_B = optax.softmax_cross_entropy_with_integer_labels(scores_Bx1pN, targets_B)
-  correct_B = (jnp.argmax(scores_Bx1pN, axis=-1) == 0).astype(jnp.float32)
-  if weights_B is None:
-    weights_B = jnp.ones((batch,), jnp.float32)
-  weights_B = weights_B.astype(jnp.float32)
-  used_B = weights_B * jnp.any(neg_mask_BxN, axis=-1).astype(jnp.float32)
-  loss = _weighted_mean(ce_B, used_B)
-  return loss, {
-      "prefix_contrastive_loss": loss,
-      "prefix_contrastive_accuracy": _weighted_mean(correct_B, used_B),
-      "prefix_contrastive_rows_used": jnp.sum(used_B) / jnp.maximum(jnp.sum(weights_B), 1e-9),
-  }
+                "contrastive_accuracy": _weighted_mean(correct_B, weights_B), **metrics}
 
 
 def commitment_loss(

@@ -56,11 +56,9 @@ def _batch(position: int):
   tokens[:4, -3:] = 0
   batch = {"encoder_input_tokens": tokens}
   if position:
-    batch.update(
-        prefix_codes=rng.integers(0, 4, size=(8, position)).astype(np.int32),
-        negative_tokens=tokens[rng.integers(0, 8, size=(8, 4))],
-        negative_mask=np.array([[True] * 4] * 6 + [[False] * 4] * 2),
-    )
+    # Rows 0-5 have same-prefix siblings in the batch, rows 6 and 7 none.
+    prefix = np.array([0, 0, 1, 1, 1, 1, 2, 3], np.int32)
+    batch["prefix_codes"] = np.stack([prefix] + [np.zeros(8, np.int32)] * (position - 1), 1)
   return batch
 
 
@@ -204,32 +202,35 @@ def test_trained_t5_is_the_indexer():
   np.testing.assert_array_equal(np.argmax(np.asarray(logits)[:, -1, start:end], -1), codes)
 
 
-def test_document_batches_resume_and_negatives(tmp_path):
+def test_document_batches_resume_and_siblings(tmp_path):
   tokens = np.arange(40 * 3, dtype=np.int32).reshape(40, 3)
   prefix = (np.arange(40) % 5)[:, None].astype(np.int32)
   targets = (np.arange(40) % 7).astype(np.int32)
   batches = index_pipeline.DocumentBatches(tokens, 8, seed=3, prefix_codes_NxP=prefix,
-                                           num_negatives=4, code_targets_N=targets)
+                                           num_negatives=3, code_targets_N=targets)
   assert batches.element_spec["code_targets"].shape == (8,)
+  assert batches.element_spec["prefix_codes"].shape == (8, 1)
   seen = [next(batches) for _ in range(3)]
   batches.save(str(tmp_path))
   after = [next(batches) for _ in range(4)]  # Crosses into the next epoch.
   resumed = index_pipeline.DocumentBatches(tokens, 8, seed=3, prefix_codes_NxP=prefix,
-                                           num_negatives=4, code_targets_N=targets)
+                                           num_negatives=3, code_targets_N=targets)
   resumed.restore(str(tmp_path))
   for a, b in zip(after, [next(resumed) for _ in range(4)], strict=True):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
-  # An epoch visits every document once; negatives share the prefix and are never the doc.
-  epoch = np.concatenate([b["encoder_input_tokens"][:, 0] // 3 for b in seen + after[:2]])
-  assert sorted(epoch) == list(range(40))
-  for b in seen:
-    docs = b["encoder_input_tokens"][:, 0] // 3
-    negs = b["negative_tokens"][:, :, 0] // 3
-    assert (negs % 5 == (docs % 5)[:, None]).all()
-    assert (negs != docs[:, None]).all()
-    assert b["negative_mask"].all()
+  # An epoch visits every document once. Siblings (same doc % 5; 8 per group) come in runs of
+  # num_negatives + 1 = 4, which batches of 8 never split: each row has 3 in its batch.
+  epoch = [b["encoder_input_tokens"][:, 0] // 3 for b in seen + after[:2]]
+  assert sorted(np.concatenate(epoch)) == list(range(40))
+  for docs, b in zip(epoch, seen + after[:2], strict=True):
+    np.testing.assert_array_equal(b["prefix_codes"][:, 0], docs % 5)
     np.testing.assert_array_equal(b["code_targets"], targets[docs])
+    siblings_B = np.sum(docs[:, None] % 5 == docs[None] % 5, axis=1) - 1
+    assert (siblings_B >= 3).all()
+  # Without prefixes (position 1) the order is a plain shuffle and batches hold tokens only.
+  plain = next(index_pipeline.DocumentBatches(tokens, 8, seed=3))
+  assert set(plain) == {"encoder_input_tokens"}
 
 
 _TINY = synthetic.CorpusConfig(num_docs=96, branching=(2, 2, 2), vocab_size=200, num_users=8)

@@ -74,12 +74,12 @@ def test_in_batch_contrastive_equals_hand_computation():
 
 
 def test_in_batch_contrastive_groups_compete_within_their_group():
-  """With groups (the joint mode's same-prefix rule), a row's negatives are its group's other
-  rows, and a row alone in its group is left out."""
+  """With groups (the ID prefixes at position > 1), a row's negatives are the other rows with
+  the same whole prefix, and a row alone in its group is left out."""
   rng = np.random.default_rng(3)
   q, k = rng.normal(size=(2, 5, 3)).astype(np.float32)
-  groups = np.array([7, 7, 2, 2, 9])  # row 4 has no sibling
-  loss, metrics = losses.in_batch_contrastive_loss(q, k, groups_B=groups)
+  prefixes = np.array([[1, 7], [1, 7], [0, 2], [0, 2], [1, 2]])  # row 4 shares only code 1
+  loss, metrics = losses.in_batch_contrastive_loss(q, k, groups_BxP=prefixes)
   expected = [-_log_softmax(q[i] @ k[members].T)[list(members).index(i)]
               for members in ([0, 1], [2, 3]) for i in members]
   np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
@@ -87,50 +87,25 @@ def test_in_batch_contrastive_groups_compete_within_their_group():
   correct = [scores[0, 0] > scores[0, 1], scores[1, 1] > scores[1, 0],
              scores[2, 2] > scores[2, 3], scores[3, 3] > scores[3, 2]]
   np.testing.assert_allclose(metrics["contrastive_accuracy"], np.mean(correct))
-
-
-def _prefix_case(seed=2):
-  rng = np.random.default_rng(seed)
-  q, pos = rng.normal(size=(2, 3, 4)).astype(np.float32)
-  docs = rng.normal(size=(6, 4)).astype(np.float32)  # a pool of docs the negatives index
-  neg_idx = np.array([[3, 4], [5, 0], [0, 0]])
-  neg_mask = np.array([[True, True], [True, False], [False, False]])  # row 2: no siblings
-  return q, pos, docs, neg_idx, neg_mask
-
-
-def test_prefix_contrastive_uses_only_the_given_siblings():
-  q, pos, docs, neg_idx, neg_mask = _prefix_case()
-
-  def loss_of(docs):
-    return float(losses.prefix_contrastive_loss(q, pos, docs[neg_idx], neg_mask)[0])
-
-  base = loss_of(docs)
-  # Hand computation: row 0 against docs 3 and 4, row 1 against doc 5, row 2 left out.
-  row0 = -_log_softmax(np.array([q[0] @ pos[0], q[0] @ docs[3], q[0] @ docs[4]]))[0]
-  row1 = -_log_softmax(np.array([q[1] @ pos[1], q[1] @ docs[5]]))[0]
-  np.testing.assert_allclose(base, (row0 + row1) / 2, rtol=1e-5)
-  for d in range(6):
-    moved = docs.copy()
-    moved[d] += 3.0
-    changed = abs(loss_of(moved) - base) > 1e-6
-    assert changed == (d in (3, 4, 5)), f"doc {d}: only the valid siblings matter"
-
-
-def test_prefix_contrastive_rows_without_siblings_do_not_count():
-  q, pos, docs, neg_idx, neg_mask = _prefix_case()
-  loss, metrics = losses.prefix_contrastive_loss(q, pos, docs[neg_idx], neg_mask)
-  np.testing.assert_allclose(metrics["prefix_contrastive_rows_used"], 2 / 3)
-  # Changing the sibling-less row's own vectors changes nothing, and it is not in the mean.
-  q2, pos2 = q.copy(), pos.copy()
-  q2[2] += 5.0
-  pos2[2] -= 5.0
-  loss2, _ = losses.prefix_contrastive_loss(q2, pos2, docs[neg_idx], neg_mask)
-  np.testing.assert_allclose(loss2, loss, rtol=1e-6)
-  only_two, _ = losses.prefix_contrastive_loss(q[:2], pos[:2], docs[neg_idx[:2]], neg_mask[:2])
-  np.testing.assert_allclose(loss, only_two, rtol=1e-6)
+  np.testing.assert_allclose(metrics["contrastive_rows_used"], 4 / 5)
+  # One int per row is the same grouping.
+  flat, _ = losses.in_batch_contrastive_loss(q, k, groups_BxP=np.array([5, 5, 3, 3, 4]))
+  np.testing.assert_allclose(flat, loss, rtol=1e-6)
+  # The sibling-less row's vectors change nothing, nor does anything outside a row's group.
+  q2, k2 = q.copy(), k.copy()
+  q2[4] += 5.0
+  k2[4] -= 5.0
+  moved, _ = losses.in_batch_contrastive_loss(q2, k2, groups_BxP=prefixes)
+  np.testing.assert_allclose(moved, loss, rtol=1e-6)
+  k3 = k.copy()
+  k3[2:4] += 3.0
+  moved, _ = losses.in_batch_contrastive_loss(q, k3, groups_BxP=prefixes)
+  np.testing.assert_allclose(moved, np.mean(
+      [-_log_softmax(q[i] @ k3[members].T)[list(members).index(i)]
+       for members in ([0, 1], [2, 3]) for i in members]), rtol=1e-5)
   # Nothing usable at all: loss 0, not NaN.
-  empty, metrics = losses.prefix_contrastive_loss(q, pos, docs[neg_idx], np.zeros((3, 2), bool))
-  assert float(empty) == 0.0 and float(metrics["prefix_contrastive_rows_used"]) == 0.0
+  empty, metrics = losses.in_batch_contrastive_loss(q, k, groups_BxP=np.arange(5))
+  assert float(empty) == 0.0 and float(metrics["contrastive_rows_used"]) == 0.0
 
 
 LAYOUT = IdLayout(base_size=10, codebook_sizes=(4, 3, 5))  # slices [10,14) [14,17) [17,22)

@@ -1,6 +1,7 @@
-"""Same-prefix sibling groups (CSR index arrays) and hard-negative sampling."""
+"""Same-prefix groups and the epoch order that batches siblings together."""
 
 import numpy as np
+import pytest
 
 from lmindexer_jax import siblings
 
@@ -8,46 +9,49 @@ from lmindexer_jax import siblings
 CODES = np.array([[1, 2], [0, 4], [3, 3], [1, 2], [1, 0], [1, 2], [0, 4], [1, 0], [1, 2]])
 
 
-def test_groups_are_csr_index_arrays():
-  groups = siblings.build_sibling_groups(siblings.prefix_group_ids(CODES))
-  assert groups.num_groups == 4
-  assert sorted(groups.group_sizes().tolist()) == [1, 2, 2, 4]
-  for doc in range(len(CODES)):
-    members = groups.members(groups.group_of_doc_N[doc])
-    assert members[groups.rank_in_group_N[doc]] == doc
-    np.testing.assert_array_equal(members, np.sort(members))
-    same = np.nonzero((CODES == CODES[doc]).all(-1))[0]
-    np.testing.assert_array_equal(members, same)
+def test_prefix_group_ids_are_equal_iff_whole_prefixes_are():
+  groups = siblings.prefix_group_ids(CODES)
+  same = (CODES[:, None] == CODES[None]).all(-1)
+  np.testing.assert_array_equal(groups[:, None] == groups[None], same)
+  with pytest.raises(ValueError, match="prefix_length"):
+    siblings.prefix_group_ids(np.zeros(3))
 
 
-def test_sample_siblings_never_self_and_only_group_members():
-  groups = siblings.build_sibling_groups(siblings.prefix_group_ids(CODES))
+def _runs(order, groups):
+  """[(group, length)] of the maximal same-group runs along `order`."""
+  runs = []
+  for g in groups[order]:
+    if runs and runs[-1][0] == g:
+      runs[-1][1] += 1
+    else:
+      runs.append([g, 1])
+  return runs
+
+
+@pytest.mark.parametrize("chunk_size", [2, 3, 5])
+def test_grouped_order_puts_siblings_in_runs(chunk_size):
   rng = np.random.default_rng(0)
-  docs = np.arange(len(CODES))
-  seen = {d: set() for d in docs}
-  for _ in range(50):
-    neg, mask = siblings.sample_siblings(rng, docs, groups, num_negatives=2)
-    assert neg.shape == mask.shape == (len(docs), 2)
-    for d in docs:
-      valid = neg[d][mask[d]]
-      same = set(np.nonzero((CODES == CODES[d]).all(-1))[0]) - {d}
-      assert d not in valid
-      assert set(valid) <= same
-      assert len(set(valid)) == len(valid), "without replacement"
-      assert mask[d].sum() == min(2, len(same))
-      seen[d] |= set(valid)
-  assert seen[0] == {3, 5, 8}, "every sibling of a large group gets drawn"
-  assert not any(mask[2]) and (neg[2] == 2).all(), "no siblings: masked, self index"
+  groups = rng.integers(0, 6, size=200)
+  sizes = np.bincount(groups)
+  firsts = set()
+  for seed in range(5):
+    order = siblings.grouped_order(np.random.default_rng(seed), groups, chunk_size)
+    np.testing.assert_array_equal(np.sort(order), np.arange(200))  # each document once
+    runs = _runs(order, groups)
+    for g in range(6):
+      # A group comes in at most ceil(size / chunk) runs (chunks of one group may be adjacent).
+      lengths = [n for h, n in runs if h == g]
+      assert len(lengths) <= -(-sizes[g] // chunk_size)
+      # Full chunks: all but at most one run hold >= chunk_size documents.
+      assert sum(n < chunk_size for n in lengths) <= 1
+    firsts.add(tuple(order[:chunk_size]))
+  assert len(firsts) == 5, "seeds shuffle the groups, their members and the chunks"
 
 
-def test_short_groups_mask_or_draw_with_replacement():
-  groups = siblings.build_sibling_groups(siblings.prefix_group_ids(CODES))
-  rng = np.random.default_rng(1)
-  neg, mask = siblings.sample_siblings(rng, np.array([1, 2]), groups, num_negatives=4)
-  np.testing.assert_array_equal(mask, [[True, False, False, False], [False] * 4])
-  assert neg[0, 0] == 6
-  neg, mask = siblings.sample_siblings(rng, np.array([1, 0, 2]), groups, num_negatives=4,
-                                       with_replacement=True)
-  assert mask[0].all() and (neg[0] == 6).all()  # reference's random.choices
-  assert mask[1].all() and set(neg[1]) <= {3, 5, 8}
-  assert not mask[2].any()
+def test_grouped_order_of_chunk_one_is_a_shuffle():
+  groups = np.zeros(50, int)
+  order = siblings.grouped_order(np.random.default_rng(1), groups, 1)
+  assert sorted(order) == list(range(50)) and list(order) != list(range(50))
+  assert len(siblings.grouped_order(np.random.default_rng(1), np.zeros(0, int), 3)) == 0
+  with pytest.raises(ValueError, match="chunk_size"):
+    siblings.grouped_order(np.random.default_rng(1), groups, 0)
