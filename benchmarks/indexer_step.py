@@ -6,7 +6,7 @@ r"""Time of the indexer's training step per stage kind, and of its reconstructio
 Builds the indexer of `gin/runs/index.gin` + `gin/data/<data>.gin` (`--gin.KEY=VALUE` overrides
 a binding) on the first documents of its corpus and times `jax.value_and_grad` of its loss at
 each stage kind (warm-up, no-codebook and quantized at positions 1 and 2: position 2 adds the
-same-prefix negatives and the commitment term), then the reconstruction loss alone scored in
+same-prefix contrastive and the commitment terms), then the reconstruction loss alone scored in
 chunks (`losses.chunked_token_cross_entropy`, what the indexer uses) and with the whole
 [B, L, V] logits in memory (`losses.token_cross_entropy`). One JSON line per measurement:
 compile seconds (trace, lower and compile) and the median and minimum milliseconds per call
