@@ -144,8 +144,10 @@ def test_command_line(run, tmp_path):
   existing = _existing(run)
   _, group_N, sizes_G = np.unique(existing.codes[:, :-1], axis=0, return_inverse=True,
                                   return_counts=True)
-  smallest = int(np.argmin(sizes_G))
-  assert sizes_G[smallest] + 2 <= existing.disambiguation_size, "no group with room for two"
+  # Two members of a group that has room for two more.
+  eligible = np.flatnonzero((sizes_G >= 2) & (sizes_G + 2 <= existing.disambiguation_size))
+  assert eligible.size, "no group of two or more with room for two"
+  smallest = int(eligible[np.argmin(sizes_G[eligible])])
   rows = np.flatnonzero(group_N.ravel() == smallest)[:2]
   path = tmp_path / "docs.jsonl"
   path.write_text("".join(json.dumps({"doc_id": f"x{i}", "text": run.texts[i]}) + "\n"
