@@ -196,7 +196,7 @@ class DocumentBatches(data.BatchIterator):
     self._prefix = None
     if prefix_codes_NxP is not None and prefix_codes_NxP.shape[1] > 0:
       self._prefix = np.asarray(prefix_codes_NxP, np.int32)
-      self._groups = siblings.prefix_group_ids(self._prefix[self._docs])
+      self._groups = metrics.prefix_clusters(self._prefix[self._docs], self._prefix.shape[1])
     self._chunk = num_negatives + 1
     self._targets = code_targets_N
     self._epoch, self._position = 0, 0

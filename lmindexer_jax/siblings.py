@@ -1,4 +1,4 @@
-"""Same-prefix sibling groups, on the host with numpy.
+"""The epoch order that batches same-prefix siblings together, on the host with numpy.
 
 At ID position t > 1 each document's hard negatives are documents that share its assigned prefix
 c_1..c_(t-1). Rather than looking up and encoding extra sibling documents for every row (the
@@ -6,19 +6,10 @@ reference copies every sibling's tokens onto every line), the input pipeline ord
 so that siblings arrive in the same batch (`grouped_order`): a batch's rows are then each
 other's negatives, and a training step encodes each document once.
 
-Shape letters: N documents, P prefix length.
+Shape letters: N documents.
 """
 
 import numpy as np
-
-
-def prefix_group_ids(codes_NxP: np.ndarray) -> np.ndarray:
-  """One int group id per document, equal iff the documents' code prefixes are equal."""
-  codes_NxP = np.asarray(codes_NxP)
-  if codes_NxP.ndim != 2:
-    raise ValueError(f"codes must be [num_docs, prefix_length], got {codes_NxP.shape}.")
-  _, group_ids_N = np.unique(codes_NxP, axis=0, return_inverse=True)
-  return group_ids_N.reshape(-1)
 
 
 def grouped_order(rng: np.random.Generator, group_ids_N: np.ndarray, chunk_size: int
@@ -32,7 +23,7 @@ def grouped_order(rng: np.random.Generator, group_ids_N: np.ndarray, chunk_size:
 
   Args:
     rng: numpy Generator (seed it per epoch for a reproducible input pipeline).
-    group_ids_N: int group of each document (e.g. `prefix_group_ids`).
+    group_ids_N: int group of each document (e.g. `metrics.prefix_clusters` of the prefixes).
     chunk_size: documents per run (>= 1; 1 gives a plain shuffle).
   """
   group_ids_N = np.asarray(group_ids_N).reshape(-1)

@@ -1,20 +1,9 @@
-"""Same-prefix groups and the epoch order that batches siblings together."""
+"""The epoch order that batches same-prefix siblings together."""
 
 import numpy as np
 import pytest
 
 from lmindexer_jax import siblings
-
-# Prefixes of 9 docs: groups {0,3,5,8} (code (1,2)), {1,6} ((0,4)), {2} ((3,3)), {4,7} ((1,0)).
-CODES = np.array([[1, 2], [0, 4], [3, 3], [1, 2], [1, 0], [1, 2], [0, 4], [1, 0], [1, 2]])
-
-
-def test_prefix_group_ids_are_equal_iff_whole_prefixes_are():
-  groups = siblings.prefix_group_ids(CODES)
-  same = (CODES[:, None] == CODES[None]).all(-1)
-  np.testing.assert_array_equal(groups[:, None] == groups[None], same)
-  with pytest.raises(ValueError, match="prefix_length"):
-    siblings.prefix_group_ids(np.zeros(3))
 
 
 def _runs(order, groups):
