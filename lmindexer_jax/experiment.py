@@ -22,9 +22,11 @@ MODEL_DIR or delete the sub-runs it affects.)
 """
 
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from concurrent import futures
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -145,6 +147,18 @@ def use_compilation_cache(directory: str | None) -> None:
   compilation_cache.reset_cache()  # Else a process that compiled before ignores the change.
 
 
+@contextlib.contextmanager
+def compilation_cache_at(directory: str | None) -> Iterator[None]:
+  """`use_compilation_cache(directory)` within the block; the process's setting before it
+  (e.g. the `JAX_COMPILATION_CACHE_DIR` of a test session) comes back after it."""
+  previous = jax.config.jax_compilation_cache_dir
+  use_compilation_cache(directory)
+  try:
+    yield
+  finally:
+    use_compilation_cache(previous)
+
+
 @dataclasses.dataclass(frozen=True)
 class _SubRun:
   """One fine-tuning run and its evaluation: `finetune_run(**finetune)`, `evaluate(**evaluate)`."""
@@ -247,72 +261,72 @@ def run(
   finetune_config = finetune_config or FinetuneConfig()
   train.prepare_model_dir(model_dir)
   cache_dir = os.path.join(model_dir, "jax_cache") if compilation_cache else None
-  if cache_dir:
-    use_compilation_cache(cache_dir)
-  index_dir = os.path.join(model_dir, "index")
-  id_files = {LEARNED: os.path.join(index_dir, semantic_ids.FILE_NAME)}
-  _say(f"[1/4] indexing {index_task} in {index_dir}")
-  if not os.path.exists(id_files[LEARNED]):
-    if indexer(model_dir=index_dir) is None:
-      raise RuntimeError("indexing stopped before its end (preempted): run the job again")
-  else:
-    _say("indexing: done before, skipped")
-  encoder = indexer_encoder(index_dir)
-  for scheme, make_ids in id_makers.items():
-    scheme_dir = os.path.join(model_dir, "ids", scheme)
-    id_files[scheme] = os.path.join(scheme_dir, semantic_ids.FILE_NAME)
-    if os.path.exists(id_files[scheme]):
-      _say(f"[2/4] {scheme} IDs: done before, skipped")
-      continue
-    _say(f"[2/4] {scheme} IDs in {scheme_dir}")
-    make_ids(model_dir=scheme_dir, encoder=encoder)
+  # The cache is this job's; the caller's setting comes back after it.
+  with compilation_cache_at(cache_dir) if cache_dir else contextlib.nullcontext():
+    index_dir = os.path.join(model_dir, "index")
+    id_files = {LEARNED: os.path.join(index_dir, semantic_ids.FILE_NAME)}
+    _say(f"[1/4] indexing {index_task} in {index_dir}")
+    if not os.path.exists(id_files[LEARNED]):
+      if indexer(model_dir=index_dir) is None:
+        raise RuntimeError("indexing stopped before its end (preempted): run the job again")
+    else:
+      _say("indexing: done before, skipped")
+    encoder = indexer_encoder(index_dir)
+    for scheme, make_ids in id_makers.items():
+      scheme_dir = os.path.join(model_dir, "ids", scheme)
+      id_files[scheme] = os.path.join(scheme_dir, semantic_ids.FILE_NAME)
+      if os.path.exists(id_files[scheme]):
+        _say(f"[2/4] {scheme} IDs: done before, skipped")
+        continue
+      _say(f"[2/4] {scheme} IDs in {scheme_dir}")
+      make_ids(model_dir=scheme_dir, encoder=encoder)
 
-  # One disambiguation size for all: the same vocabulary and model size for every scheme.
-  disambiguation_size = max(semantic_ids.read(path).disambiguation_size
-                            for path in id_files.values())
-  results: dict[str, Any] = {"split": split, "beam_size": beam_size,
-                             "finetune": dataclasses.asdict(finetune_config),
-                             "disambiguation_size": disambiguation_size, "tasks": {}}
-  runs = [(task, scheme) for task in tasks for scheme in id_files]
-  to_do = []
-  for i, (task, scheme) in enumerate(runs, start=1):
-    run_dir = os.path.join(model_dir, task, scheme)
-    if os.path.exists(os.path.join(run_dir, eval_lib.METRICS_FILE.format(split=split))):
-      _say(f"[3/4] run {i}/{len(runs)} {task} x {scheme}: done before, skipped")
-      continue
-    to_do.append(_SubRun(
-        label=f"run {i}/{len(runs)} {task} x {scheme}",
-        finetune=dict(
-            model_dir=run_dir, task_name=finetune.dataset_task(index_task, task),
-            id_file=id_files[scheme], t5_config=t5_config, input_length=tasks[task],
-            config=finetune_config,
-            init=learned_init if scheme == LEARNED and learned_init else init,
-            index_dir=index_dir, seed=seed,
-            partitioner=partitioner and dataclasses.replace(partitioner),
-            disambiguation_size=disambiguation_size),
-        evaluate=dict(model_dir=run_dir, split=split, beam_size=beam_size,
-                      batch_size=eval_batch_size, verbose=False)))
-  _run_all(to_do, workers, cache_dir)
+    # One disambiguation size for all: the same vocabulary and model size for every scheme.
+    disambiguation_size = max(semantic_ids.read(path).disambiguation_size
+                              for path in id_files.values())
+    results: dict[str, Any] = {"split": split, "beam_size": beam_size,
+                               "finetune": dataclasses.asdict(finetune_config),
+                               "disambiguation_size": disambiguation_size, "tasks": {}}
+    runs = [(task, scheme) for task in tasks for scheme in id_files]
+    to_do = []
+    for i, (task, scheme) in enumerate(runs, start=1):
+      run_dir = os.path.join(model_dir, task, scheme)
+      if os.path.exists(os.path.join(run_dir, eval_lib.METRICS_FILE.format(split=split))):
+        _say(f"[3/4] run {i}/{len(runs)} {task} x {scheme}: done before, skipped")
+        continue
+      to_do.append(_SubRun(
+          label=f"run {i}/{len(runs)} {task} x {scheme}",
+          finetune=dict(
+              model_dir=run_dir, task_name=finetune.dataset_task(index_task, task),
+              id_file=id_files[scheme], t5_config=t5_config, input_length=tasks[task],
+              config=finetune_config,
+              init=learned_init if scheme == LEARNED and learned_init else init,
+              index_dir=index_dir, seed=seed,
+              partitioner=partitioner and dataclasses.replace(partitioner),
+              disambiguation_size=disambiguation_size),
+          evaluate=dict(model_dir=run_dir, split=split, beam_size=beam_size,
+                        batch_size=eval_batch_size, verbose=False)))
+    _run_all(to_do, workers, cache_dir)
 
-  for task, scheme in runs:
-    run_dir = os.path.join(model_dir, task, scheme)
-    with open(os.path.join(run_dir, eval_lib.METRICS_FILE.format(split=split))) as f:
-      result = json.load(f)
-    entry = {
-        **result["metrics"],
-        "invalid_ids": result["invalid_ids"],
-        "init": result["init"],
-        "num_queries": result["num_queries"],
-        "run_dir": run_dir,
-    }
-    if "metrics_excluding_history" in result:
-      entry["excluding_history"] = result["metrics_excluding_history"]
-    results["tasks"].setdefault(task, {})[scheme] = entry
-  results["seconds_this_call"] = round(time.time() - start, 1)
-  files.write_json(os.path.join(model_dir, RESULTS_FILE), results)
-  print(results_table(results), end="", flush=True)
-  _say(f"wrote {os.path.join(model_dir, RESULTS_FILE)} ({results['seconds_this_call']:.0f} s)")
-  return results
+    for task, scheme in runs:
+      run_dir = os.path.join(model_dir, task, scheme)
+      with open(os.path.join(run_dir, eval_lib.METRICS_FILE.format(split=split))) as f:
+        result = json.load(f)
+      entry = {
+          **result["metrics"],
+          "invalid_ids": result["invalid_ids"],
+          "init": result["init"],
+          "num_queries": result["num_queries"],
+          "run_dir": run_dir,
+      }
+      if "metrics_excluding_history" in result:
+        entry["excluding_history"] = result["metrics_excluding_history"]
+      results["tasks"].setdefault(task, {})[scheme] = entry
+    results["seconds_this_call"] = round(time.time() - start, 1)
+    files.write_json(os.path.join(model_dir, RESULTS_FILE), results)
+    print(results_table(results), end="", flush=True)
+    _say(f"wrote {os.path.join(model_dir, RESULTS_FILE)} ({results['seconds_this_call']:.0f} s)")
+    return results
 
 
 def results_table(results: Mapping[str, Any],

@@ -6,7 +6,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import xla_env
@@ -46,9 +45,7 @@ def runs(tmp_path_factory):
                                codebook_sizes=CODEBOOKS, disambiguation_size=size)
   out = {"id_file": id_file}
   # Both runs have the same shapes: the second compiles nothing (JAX's persistent cache).
-  session_cache = jax.config.jax_compilation_cache_dir
-  experiment.use_compilation_cache(str(root / "jax_cache"))
-  try:
+  with experiment.compilation_cache_at(str(root / "jax_cache")):
     with settings.configured(TINY):
       for task, length in (("retrieval_indexing", 32), ("rec", 32)):
         model_dir = str(root / task)
@@ -57,8 +54,6 @@ def runs(tmp_path_factory):
             t5_config=T5_CONFIG, input_length=length, config=BUDGET,
             partitioner=partitioning.Partitioner(num_devices=1))
         out[task] = (model_dir, eval_lib.evaluate(model_dir, beam_size=BEAM, batch_size=16))
-  finally:
-    experiment.use_compilation_cache(session_cache)
   return out
 
 

@@ -95,13 +95,14 @@ def _run(model_dir, calls, workers=1, indexer_config=T5_CONFIG, tasks=TASKS,
 def job(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp("job")
   calls = []
-  try:
-    with settings.configured(TINY):
-      # Two worker processes: they read the corpus settings configured here.
-      first = _run(model_dir, calls, workers=2)
-      yield model_dir, calls, first
-  finally:
-    experiment.use_compilation_cache(None)
+  session_cache = jax.config.jax_compilation_cache_dir
+  with settings.configured(TINY):
+    # Two worker processes: they read the corpus settings configured here.
+    first = _run(model_dir, calls, workers=2)
+    # The job's cache was MODEL_DIR/jax_cache while it ran, and is no longer.
+    assert (model_dir / "jax_cache").is_dir()
+    assert jax.config.jax_compilation_cache_dir == session_cache
+    yield model_dir, calls, first
 
 
 def test_results_have_every_task_and_scheme(job):
@@ -187,15 +188,14 @@ def test_vector_schemes_use_the_indexers_own_sizes(tmp_path):
   """An indexer sized apart from the fine-tuning runs (a scoped `index_pipeline.index.t5_config`):
   RQ-VAE encodes with the indexer's sizes, and starting the learned runs from it is refused."""
   wide = T5_CONFIG.replace(emb_dim=48, mlp_dim=96)
-  try:
-    with settings.configured(TINY):
-      _run(tmp_path, [], indexer_config=wide, tasks={}, learned_init=None)
-      vectors = np.load(tmp_path / "ids" / "rqvae" / id_pipeline.EMBEDDINGS_FILE)
-      assert vectors.shape == (TINY.num_docs, 48)
-      with pytest.raises(ValueError, match="do not fit the model"):
-        _run(tmp_path, [], indexer_config=wide, tasks={"rec": 32})
-  finally:
-    experiment.use_compilation_cache(None)  # `_run` pointed it at tmp_path
+  session_cache = jax.config.jax_compilation_cache_dir
+  with settings.configured(TINY):
+    _run(tmp_path, [], indexer_config=wide, tasks={}, learned_init=None)
+    vectors = np.load(tmp_path / "ids" / "rqvae" / id_pipeline.EMBEDDINGS_FILE)
+    assert vectors.shape == (TINY.num_docs, 48)
+    with pytest.raises(ValueError, match="do not fit the model"):
+      _run(tmp_path, [], indexer_config=wide, tasks={"rec": 32})
+  assert jax.config.jax_compilation_cache_dir == session_cache  # Also after an error.
 
 
 def test_gin_files_parse(monkeypatch):
