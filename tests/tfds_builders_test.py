@@ -6,15 +6,18 @@ and that the real sets in `../shared/data` build with the counts in their SOURCE
 """
 
 import collections
+from concurrent import futures
 import gzip
 import json
 import logging
+import multiprocessing
 import pathlib
 import statistics
 
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from tasks import tfds as builders
 from tasks.tfds import amazon2014
@@ -423,6 +426,22 @@ def test_dataset_fn_reads_a_split_for_seqio(tmp_path):
   ds = fn("sequences", shuffle_files=False)
   assert set(ds.element_spec) == {"user_id", "item_ids"}
   assert [ex["user_id"] for ex in ds.as_numpy_iterator()] == [b"u1", b"2"]
+
+
+def _prepare_after(barrier, manual, data_dir):
+  barrier.wait()  # Every process starts to prepare at once.
+  b = builders.prepare("lmindexer_item_sequences", manual_dir=manual, data_dir=data_dir)
+  return [ex["user_id"] for ex in tfds.as_numpy(b.as_dataset(split="sequences"))]
+
+
+def test_processes_preparing_at_once_all_read_the_data(tmp_path):
+  """Without a lock the losers of TFDS's final rename fail (FileExistsError)."""
+  manual = items_folder(tmp_path / "manual")
+  context = multiprocessing.get_context("spawn")
+  with context.Manager() as manager, futures.ProcessPoolExecutor(3, mp_context=context) as pool:
+    barrier = manager.Barrier(3)
+    done = [pool.submit(_prepare_after, barrier, manual, tmp_path / "data") for _ in range(3)]
+    assert [f.result(timeout=300) for f in done] == [[b"u1", b"2"]] * 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
+import contextlib
+import fcntl
 import os
 from typing import Any
 
@@ -55,11 +58,28 @@ def prepare(
     if name not in BUILDERS:
       raise ValueError(f"unknown builder {name!r}; known: {sorted(BUILDERS)}")
     builder, config = BUILDERS[name], config or name_config or None
-  b = builder(data_dir=os.fspath(data_dir), config=config)
-  b.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
-  )
+  # Processes preparing the same data at once (two jobs, the hosts of a multi-host run) would
+  # race to TFDS's final rename: one prepares while the others wait, then they read its data.
+  # The builder is made under the lock, as it reads what is on disk when it is made.
+  config_name = config.name if isinstance(config, common.Config) else config or "default"
+  with _locked(os.path.join(os.fspath(data_dir), f".{builder.name}.{config_name}.lock")):
+    b = builder(data_dir=os.fspath(data_dir), config=config)
+    b.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+    )
   return b
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+  """An exclusive `flock` on `path` (created if needed) for the block."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _own_fields(b: common.Builder, split: str) -> Callable[[dict], dict]:
