@@ -14,7 +14,7 @@ global, so negatives and normalisers span all devices (the reference's are per d
 The indexer weights and sums these terms in one place and puts every metric in its dict.
 
 Shape letters: B batch, L document length, V vocab, D emb_dim,
-T decoder length, P previous ID positions (t - 1 at position t).
+T decoder length, P previous ID positions (t - 1 at position t), C tokens per chunk.
 """
 
 from collections.abc import Sequence
@@ -95,8 +95,9 @@ def _by_chunk(x_BxL, chunk):
   return jnp.moveaxis(x, 1, 0)
 
 
-def _from_chunks(x_NxBxC):
-  x = jnp.moveaxis(x_NxBxC, 0, 1)
+def _from_chunks(x):
+  """[L / chunk, B, chunk, ...] -> [B, L, ...], `_by_chunk` undone."""
+  x = jnp.moveaxis(x, 0, 1)
   return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
