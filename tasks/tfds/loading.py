@@ -58,9 +58,10 @@ def prepare(
     if name not in BUILDERS:
       raise ValueError(f"unknown builder {name!r}; known: {sorted(BUILDERS)}")
     builder, config = BUILDERS[name], config or name_config or None
-  # Processes preparing the same data at once (two jobs, the hosts of a multi-host run) would
-  # race to TFDS's final rename: one prepares while the others wait, then they read its data.
-  # The builder is made under the lock, as it reads what is on disk when it is made.
+  # Processes preparing the same data at once (two jobs; the processes of a multi-process run
+  # on one file system) would race to TFDS's final rename: one prepares while the others wait,
+  # then they read its data. The builder is made under the lock: it reads what is on disk
+  # when it is made.
   config_name = config.name if isinstance(config, common.Config) else config or "default"
   with _locked(os.path.join(os.fspath(data_dir), f".{builder.name}.{config_name}.lock")):
     b = builder(data_dir=os.fspath(data_dir), config=config)
@@ -72,7 +73,11 @@ def prepare(
 
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
-  """An exclusive `flock` on `path` (created if needed) for the block."""
+  """An exclusive `flock` on `path` (created if needed) for the block; none on a remote file
+  system (`gs://...`), which has no such locks."""
+  if "://" in path:
+    yield
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "a") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
