@@ -61,7 +61,8 @@ TABLE_COLUMNS = ("recall@1", "recall@10", "ndcg@10", "mrr@10", "invalid_ids")
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-  """One budget for every fine-tuning run of the comparison (gin-bound).
+  """The budget of the comparison's fine-tuning runs (gin-bound): every scheme of a task gets
+  the same one.
 
   Attributes:
     train_steps, batch_size, learning_rate, warmup_steps: AdamW, linear decay.
@@ -224,6 +225,7 @@ def run(
     tasks: Mapping[str, int],
     t5_config: t5.T5Config,
     finetune_config: FinetuneConfig | None = None,
+    task_finetune_configs: Mapping[str, FinetuneConfig] | None = None,
     init: str = "scratch",
     learned_init: str | None = None,
     split: str = "test",
@@ -245,7 +247,11 @@ def run(
     tasks: fine-tuning task (`retrieval_indexing`, `search`, `rec`, ...) -> its input length.
     t5_config: the model of every fine-tuning run; an "indexer" init needs the indexer's
       architecture (the vector schemes read the indexer's own config from its manifest).
-    finetune_config: the step budget shared by every run.
+    finetune_config: the budget of every run (default `FinetuneConfig()`).
+    task_finetune_configs: task -> its own budget, replacing `finetune_config` for every
+      scheme of that task (e.g. more steps for a task that learns slower). Tasks not in
+      `tasks` are ignored (said in the log), so a gin file's budget survives a narrower
+      FINETUNE_TASKS.
     init: every run's initialisation, "scratch" (default) or "indexer" (`finetune.INITS`).
     learned_init: overrides `init` for the learned IDs (e.g. "indexer"); None: `init`.
     split: the evaluation split.
@@ -259,12 +265,16 @@ def run(
   """
   start = time.time()
   finetune_config = finetune_config or FinetuneConfig()
+  task_finetune_configs = task_finetune_configs or {}
+  budgets = {task: task_finetune_configs.get(task, finetune_config) for task in tasks}
   train.prepare_model_dir(model_dir)
   cache_dir = os.path.join(model_dir, "jax_cache") if compilation_cache else None
   # The cache is this job's; the caller's setting comes back after it.
   with compilation_cache_at(cache_dir) if cache_dir else contextlib.nullcontext():
     index_dir = os.path.join(model_dir, "index")
     id_files = {LEARNED: os.path.join(index_dir, semantic_ids.FILE_NAME)}
+    if unused := sorted(set(task_finetune_configs) - set(tasks)):
+      _say(f"task_finetune_configs for tasks this job does not run, ignored: {unused}")
     _say(f"[1/4] indexing {index_task} in {index_dir}")
     if not os.path.exists(id_files[LEARNED]):
       if indexer(model_dir=index_dir) is None:
@@ -285,7 +295,8 @@ def run(
     disambiguation_size = max(semantic_ids.read(path).disambiguation_size
                               for path in id_files.values())
     results: dict[str, Any] = {"split": split, "beam_size": beam_size,
-                               "finetune": dataclasses.asdict(finetune_config),
+                               "finetune": {task: dataclasses.asdict(budget)
+                                            for task, budget in budgets.items()},
                                "disambiguation_size": disambiguation_size, "tasks": {}}
     runs = [(task, scheme) for task in tasks for scheme in id_files]
     to_do = []
@@ -299,7 +310,7 @@ def run(
           finetune=dict(
               model_dir=run_dir, task_name=finetune.dataset_task(index_task, task),
               id_file=id_files[scheme], t5_config=t5_config, input_length=tasks[task],
-              config=finetune_config,
+              config=budgets[task],
               init=learned_init if scheme == LEARNED and learned_init else init,
               index_dir=index_dir, seed=seed,
               partitioner=partitioner and dataclasses.replace(partitioner),

@@ -1,5 +1,6 @@
 """The main job on a tiny corpus: every task x scheme in results.json, and a rerun resumes."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -40,6 +41,8 @@ T5_CONFIG = t5.T5Config(vocab_size=0, emb_dim=32, num_heads=2, num_encoder_layer
                         mlp_activations=("gelu", "linear"), logits_via_embedding=False)
 TASKS = {"retrieval_indexing": 32, "rec": 32}
 SCHEMES = ("learned", "rqvae")  # random IDs: the same path without vectors (eval_test uses them)
+BUDGET = experiment.FinetuneConfig(train_steps=8, batch_size=16, warmup_steps=2, target_length=4,
+                                   log_period=4)
 
 
 def fake_indexer(calls: list, *, model_dir: str, t5_config: t5.T5Config = T5_CONFIG) -> dict:
@@ -84,8 +87,8 @@ def _run(model_dir, calls, workers=1, indexer_config=T5_CONFIG, tasks=TASKS,
       indexer=functools.partial(fake_indexer, calls, t5_config=indexer_config),
       id_makers={"rqvae": functools.partial(make_ids, scheme="rqvae", rqvae_config=config)},
       tasks=tasks, t5_config=T5_CONFIG,
-      finetune_config=experiment.FinetuneConfig(train_steps=8, batch_size=16, warmup_steps=2,
-                                                target_length=4, log_period=4),
+      finetune_config=BUDGET,
+      task_finetune_configs={"rec": dataclasses.replace(BUDGET, train_steps=12)},
       learned_init=learned_init, beam_size=10, eval_batch_size=32,
       partitioner=partitioning.Partitioner(num_devices=1), compilation_cache=True,
       workers=workers)
@@ -125,6 +128,13 @@ def test_results_have_every_task_and_scheme(job):
   sizes = {json.loads((model_dir / task / s / "init.json").read_text())["vocab_size"]
            for task in TASKS for s in SCHEMES}
   assert len(sizes) == 1
+  # rec has its own budget (12 steps), retrieval the shared one (8), for every scheme.
+  assert {t: b["train_steps"] for t, b in results["finetune"].items()} == {
+      "retrieval_indexing": 8, "rec": 12}
+  for task in TASKS:
+    for scheme in SCHEMES:
+      lines = (model_dir / task / scheme / "metrics.jsonl").read_text().splitlines()
+      assert json.loads(lines[-1])["step"] == results["finetune"][task]["train_steps"]
   stats = json.loads((model_dir / "ids" / "rqvae" / "id_stats.json").read_text())
   assert "quantized_1" in stats["vectors"]  # the indexer's own encoder
   table = experiment.results_table(results)
@@ -142,7 +152,7 @@ def test_rerun_skips_finished_sub_runs(job, capsys):
   out = capsys.readouterr().out
   assert calls == [str(model_dir / "index")]  # not indexed again
   assert out.count("done before, skipped") == 1 + 1 + 3  # index, the rqvae IDs, 3 of 4 runs
-  assert "resumed from step 8" in out  # the redone run is only evaluated
+  assert "resumed from step 12" in out  # the redone run is only evaluated
   assert (redo / "metrics.jsonl").read_text() == trained
   assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
   first = dict(first, seconds_this_call=None)
@@ -214,6 +224,7 @@ def test_gin_files_parse(monkeypatch):
       if files == ["gin/quickstart.gin"]:
         assert tasks == {"retrieval_indexing": 64, "rec": 64}
         assert set(makers) == {"random", "rqvae"}
+        assert gin.query_parameter("rec/experiment.FinetuneConfig.train_steps") == 1000
         assert gin.query_parameter("MODEL_DIR/macro.value") == "/tmp/x"
       else:
         assert tasks == {"rec": 128}
