@@ -194,13 +194,15 @@ def test_finetune_dropout_rate_replaces_the_models(job, monkeypatch):
   assert rates == [T5_CONFIG.dropout_rate, 0.3]
 
 
-def test_vector_schemes_use_the_indexers_own_sizes(tmp_path):
+def test_vector_schemes_use_the_indexers_own_sizes(tmp_path, capsys):
   """An indexer sized apart from the fine-tuning runs (a scoped `index_pipeline.index.t5_config`):
   RQ-VAE encodes with the indexer's sizes, and starting the learned runs from it is refused."""
   wide = T5_CONFIG.replace(emb_dim=48, mlp_dim=96)
   session_cache = jax.config.jax_compilation_cache_dir
   with settings.configured(TINY):
     _run(tmp_path, [], indexer_config=wide, tasks={}, learned_init=None)
+    # No tasks here: rec's own budget is unused, and the log says so.
+    assert "does not run, ignored: ['rec']" in capsys.readouterr().out
     vectors = np.load(tmp_path / "ids" / "rqvae" / id_pipeline.EMBEDDINGS_FILE)
     assert vectors.shape == (TINY.num_docs, 48)
     with pytest.raises(ValueError, match="do not fit the model"):
