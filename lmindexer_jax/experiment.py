@@ -247,7 +247,7 @@ def run(
     tasks: fine-tuning task (`retrieval_indexing`, `search`, `rec`, ...) -> its input length.
     t5_config: the model of every fine-tuning run; an "indexer" init needs the indexer's
       architecture (the vector schemes read the indexer's own config from its manifest).
-    finetune_config: the budget of every run (default `FinetuneConfig()`).
+    finetune_config: the budget of every task without its own (default `FinetuneConfig()`).
     task_finetune_configs: task -> its own budget, replacing `finetune_config` for every
       scheme of that task (e.g. more steps for a task that learns slower). Tasks not in
       `tasks` are ignored (said in the log), so a gin file's budget survives a narrower
