@@ -54,6 +54,18 @@ def test_chunked_cross_entropy_equals_the_full_one_with_gradients(max_chunk_logi
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
 
 
+def test_token_accuracy_counts_a_target_tied_at_the_top():
+  # Rows: the target alone on top, tied on top with another token, below the top.
+  logits = jnp.array([[[3.0, 1.0, 0.0], [2.0, 2.0, 0.0], [0.0, 1.0, 5.0]]])
+  tokens = jnp.array([[0, 1, 1]])
+  weights = jnp.ones((1, 3))
+  assert float(losses.token_cross_entropy(logits, tokens, weights)[1]) == pytest.approx(2 / 3)
+  # The chunked form, with the logits as hidden states under an identity head.
+  chunked = losses.chunked_token_cross_entropy(logits, jnp.eye(3), tokens, weights,
+                                               max_chunk_logits=3)
+  assert float(chunked[1]) == pytest.approx(2 / 3)
+
+
 def test_in_batch_contrastive_equals_hand_computation():
   rng = np.random.default_rng(1)
   q, k = rng.normal(size=(2, 4, 3)).astype(np.float32)
