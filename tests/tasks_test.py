@@ -12,6 +12,7 @@ import tensorflow as tf
 from lmindexer_jax import gin_utils
 import tasks
 from tasks import corpus
+from tasks import registration
 from tasks import semantic_ids
 from tasks import settings
 from tasks import synthetic
@@ -75,6 +76,40 @@ def test_every_task_yields_encdec_batches(task):
     for row in targets:
       assert [layout.code_of(t)[0] for t in row[:4]] == [0, 1, 2, 3]
       assert row[4] == vocab.eos_id
+
+
+@pytest.mark.parametrize("task", ("rec", "retrieval_indexing"))
+def test_examples_kept_in_memory_are_those_of_the_uncached_pipeline(task, monkeypatch):
+  def three_epochs():
+    ds = seqio.get_dataset(
+        _name(task), LENGTHS, seqio.EncDecFeatureConverter(pack=False), dataset_split="train",
+        shuffle=True, seed=3, num_epochs=3)
+    return [{k: v.tolist() for k, v in ex.items()} for ex in ds.as_numpy_iterator()]
+
+  cached = three_epochs()
+  monkeypatch.setattr(registration, "MAX_EXAMPLES_IN_MEMORY", 0)
+  assert three_epochs() == cached
+
+
+def test_cached_steps_run_once_per_example():
+  seen = []
+
+  def noted(dataset):
+    def note(text):
+      seen.append(text.numpy())
+      return text
+
+    return dataset.map(
+        lambda ex: {"text": tf.ensure_shape(tf.py_function(note, [ex["text"]], tf.string), [])})
+
+  source = seqio.FunctionDataSource(
+      lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices({"text": ["a", "b", "c"]}),
+      splits=("train",))
+  task = registration._Task("cached_steps_test", source=source, preprocessors=[noted],
+                            output_features={}, num_cached_steps=1)
+  ds = task.get_dataset(None, split="train", shuffle=False, num_epochs=3)
+  assert [ex["text"] for ex in ds.as_numpy_iterator()] == [b"a", b"b", b"c"] * 3
+  assert seen == [b"a", b"b", b"c"]
 
 
 def test_id_vocabulary_is_sized_from_the_id_file(id_file):
