@@ -20,6 +20,7 @@ file's header, else max code + 1 per position).
 """
 
 from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
 import functools
 import os
@@ -37,11 +38,11 @@ from tasks import settings
 PREFIX = "lmindexer"
 ALL_TASKS = ("index", "indexing", "retrieval", "search", "rec", "rec_titles")
 TITLE_WORDS = 8  # default title: the first words of the text
-# Splits of at most this many examples keep their tokenized examples in memory (`_Task`).
+# Splits of at most this many examples keep their tokenized examples in memory (`_InMemoryTask`).
 MAX_EXAMPLES_IN_MEMORY = 100_000
 
 
-class _Task(seqio.Task):
+class _InMemoryTask(seqio.Task):
   """A seqio Task whose deterministic preprocessing runs once per dataset, not once per epoch.
 
   Every task of the family looks up IDs and tokenizes one example at a time, ~0.4 ms per
@@ -66,7 +67,8 @@ class _Task(seqio.Task):
       dataset = self._preprocess_dataset(dataset, self.preprocessors[:self._num_cached_steps])
     return dataset.cache() if 0 <= dataset.cardinality() <= MAX_EXAMPLES_IN_MEMORY else dataset
 
-  def preprocess_postcache(self, dataset: tf.data.Dataset, sequence_length, seed=None
+  def preprocess_postcache(self, dataset: tf.data.Dataset,
+                           sequence_length: Mapping[str, int] | None, seed: int | None = None
                            ) -> tf.data.Dataset:
     with seqio.utils.map_seed_manager(seed):
       return self._preprocess_dataset(dataset, self.preprocessors[self._num_cached_steps:],
@@ -272,15 +274,15 @@ def register_corpus_tasks(
 
   def add(task: str, dataset_fn, splits, steps, features):
     name = task_name(dataset_name, task)
-    # Lookups and tokenization are deterministic and kept in memory (`_Task`); EOS placement
-    # depends on the sequence length, so it runs on every read.
+    # Lookups and tokenization are deterministic and kept in memory (`_InMemoryTask`); EOS
+    # placement depends on the sequence length, so it runs on every read.
     cached = [*steps, seqio.preprocessors.tokenize]
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(dataset_fn, splits=splits, caching_permitted=False),
         preprocessors=[*cached, seqio.preprocessors.append_eos_after_trim],
         output_features=features,
-        task_cls=_Task,
+        task_cls=_InMemoryTask,
         num_cached_steps=len(cached),
     )
     names.append(name)

@@ -105,8 +105,8 @@ def test_cached_steps_run_once_per_example():
   source = seqio.FunctionDataSource(
       lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices({"text": ["a", "b", "c"]}),
       splits=("train",))
-  task = registration._Task("cached_steps_test", source=source, preprocessors=[noted],
-                            output_features={}, num_cached_steps=1)
+  task = registration._InMemoryTask("cached_steps_test", source=source, preprocessors=[noted],
+                                    output_features={}, num_cached_steps=1)
   ds = task.get_dataset(None, split="train", shuffle=False, num_epochs=3)
   assert [ex["text"] for ex in ds.as_numpy_iterator()] == [b"a", b"b", b"c"] * 3
   assert seen == [b"a", b"b", b"c"]
