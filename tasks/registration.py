@@ -65,7 +65,8 @@ class _InMemoryTask(seqio.Task):
                           ) -> tf.data.Dataset:
     with seqio.utils.map_seed_manager(seed):
       dataset = self._preprocess_dataset(dataset, self.preprocessors[:self._num_cached_steps])
-    return dataset.cache() if 0 <= dataset.cardinality() <= MAX_EXAMPLES_IN_MEMORY else dataset
+    count = int(dataset.cardinality())  # Negative when unknown or infinite.
+    return dataset.cache() if 0 <= count <= MAX_EXAMPLES_IN_MEMORY else dataset
 
   def preprocess_postcache(self, dataset: tf.data.Dataset,
                            sequence_length: Mapping[str, int] | None, seed: int | None = None
