@@ -266,43 +266,24 @@ def run(
   start = time.time()
   finetune_config = finetune_config or FinetuneConfig()
   task_finetune_configs = task_finetune_configs or {}
+  if unused := sorted(set(task_finetune_configs) - set(tasks)):
+    _say(f"task_finetune_configs for tasks this job does not run, ignored: {unused}")
   budgets = {task: task_finetune_configs.get(task, finetune_config) for task in tasks}
   train.prepare_model_dir(model_dir)
   cache_dir = os.path.join(model_dir, "jax_cache") if compilation_cache else None
   # The cache is this job's; the caller's setting comes back after it.
   with compilation_cache_at(cache_dir) if cache_dir else contextlib.nullcontext():
     index_dir = os.path.join(model_dir, "index")
-    id_files = {LEARNED: os.path.join(index_dir, semantic_ids.FILE_NAME)}
-    if unused := sorted(set(task_finetune_configs) - set(tasks)):
-      _say(f"task_finetune_configs for tasks this job does not run, ignored: {unused}")
     _say(f"[1/4] indexing {index_task} in {index_dir}")
-    if not os.path.exists(id_files[LEARNED]):
-      if indexer(model_dir=index_dir) is None:
-        raise RuntimeError("indexing stopped before its end (preempted): run the job again")
-    else:
-      _say("indexing: done before, skipped")
-    encoder = indexer_encoder(index_dir)
-    for scheme, make_ids in id_makers.items():
-      scheme_dir = os.path.join(model_dir, "ids", scheme)
-      id_files[scheme] = os.path.join(scheme_dir, semantic_ids.FILE_NAME)
-      if os.path.exists(id_files[scheme]):
-        _say(f"[2/4] {scheme} IDs: done before, skipped")
-        continue
-      _say(f"[2/4] {scheme} IDs in {scheme_dir}")
-      make_ids(model_dir=scheme_dir, encoder=encoder)
-
+    id_files = _make_id_files(model_dir, index_dir, indexer, id_makers)
     # One disambiguation size for all: the same vocabulary and model size for every scheme.
     disambiguation_size = max(semantic_ids.read(path).disambiguation_size
                               for path in id_files.values())
-    results: dict[str, Any] = {"split": split, "beam_size": beam_size,
-                               "finetune": {task: dataclasses.asdict(budget)
-                                            for task, budget in budgets.items()},
-                               "disambiguation_size": disambiguation_size, "tasks": {}}
     runs = [(task, scheme) for task in tasks for scheme in id_files]
     to_do = []
     for i, (task, scheme) in enumerate(runs, start=1):
       run_dir = os.path.join(model_dir, task, scheme)
-      if os.path.exists(os.path.join(run_dir, eval_lib.METRICS_FILE.format(split=split))):
+      if os.path.exists(_metrics_path(run_dir, split)):
         _say(f"[3/4] run {i}/{len(runs)} {task} x {scheme}: done before, skipped")
         continue
       to_do.append(_SubRun(
@@ -319,25 +300,53 @@ def run(
                         batch_size=eval_batch_size, verbose=False)))
     _run_all(to_do, workers, cache_dir)
 
+    results = {
+        "split": split, "beam_size": beam_size,
+        "finetune": {task: dataclasses.asdict(budget) for task, budget in budgets.items()},
+        "disambiguation_size": disambiguation_size, "tasks": {}}
     for task, scheme in runs:
       run_dir = os.path.join(model_dir, task, scheme)
-      with open(os.path.join(run_dir, eval_lib.METRICS_FILE.format(split=split))) as f:
-        result = json.load(f)
-      entry = {
-          **result["metrics"],
-          "invalid_ids": result["invalid_ids"],
-          "init": result["init"],
-          "num_queries": result["num_queries"],
-          "run_dir": run_dir,
-      }
-      if "metrics_excluding_history" in result:
-        entry["excluding_history"] = result["metrics_excluding_history"]
-      results["tasks"].setdefault(task, {})[scheme] = entry
+      results["tasks"].setdefault(task, {})[scheme] = _table_entry(run_dir, split)
     results["seconds_this_call"] = round(time.time() - start, 1)
     files.write_json(os.path.join(model_dir, RESULTS_FILE), results)
     print(results_table(results), end="", flush=True)
     _say(f"wrote {os.path.join(model_dir, RESULTS_FILE)} ({results['seconds_this_call']:.0f} s)")
     return results
+
+
+def _make_id_files(model_dir: str, index_dir: str, indexer: Callable[..., Any],
+                   id_makers: Mapping[str, Callable[..., Any]]) -> dict[str, str]:
+  """Steps 1 and 2: scheme -> its `semantic_ids.tsv`, each built unless it exists."""
+  id_files = {LEARNED: os.path.join(index_dir, semantic_ids.FILE_NAME)}
+  if os.path.exists(id_files[LEARNED]):
+    _say("indexing: done before, skipped")
+  elif indexer(model_dir=index_dir) is None:
+    raise RuntimeError("indexing stopped before its end (preempted): run the job again")
+  encoder = indexer_encoder(index_dir)
+  for scheme, make_ids in id_makers.items():
+    scheme_dir = os.path.join(model_dir, "ids", scheme)
+    id_files[scheme] = os.path.join(scheme_dir, semantic_ids.FILE_NAME)
+    if os.path.exists(id_files[scheme]):
+      _say(f"[2/4] {scheme} IDs: done before, skipped")
+      continue
+    _say(f"[2/4] {scheme} IDs in {scheme_dir}")
+    make_ids(model_dir=scheme_dir, encoder=encoder)
+  return id_files
+
+
+def _metrics_path(run_dir: str, split: str) -> str:
+  return os.path.join(run_dir, eval_lib.METRICS_FILE.format(split=split))
+
+
+def _table_entry(run_dir: str, split: str) -> dict[str, Any]:
+  """A finished run's `results.json` entry: its metrics and how they were obtained."""
+  with open(_metrics_path(run_dir, split)) as f:
+    result = json.load(f)
+  entry = {**result["metrics"], "invalid_ids": result["invalid_ids"], "init": result["init"],
+           "num_queries": result["num_queries"], "run_dir": run_dir}
+  if "metrics_excluding_history" in result:
+    entry["excluding_history"] = result["metrics_excluding_history"]
+  return entry
 
 
 def results_table(results: Mapping[str, Any],
