@@ -46,6 +46,14 @@ def _existing(run: Run) -> semantic_ids.SemanticIds:
   return semantic_ids.read(os.path.join(run.model_dir, semantic_ids.FILE_NAME), run.corpus.doc_ids)
 
 
+def _groups(ids: semantic_ids.SemanticIds) -> tuple[np.ndarray, np.ndarray]:
+  """(group_N, sizes_G): each document's group of equal codes before disambiguation, and the
+  groups' sizes."""
+  _, group_N, sizes_G = np.unique(ids.codes[:, :-1], axis=0, return_inverse=True,
+                                  return_counts=True)
+  return group_N.ravel(), sizes_G
+
+
 def test_manifest_records_the_run(run):
   m = indexer_manifest.read_indexer_manifest(run.model_dir)
   assert m.index_task == TASK and m.max_length == MAX_LENGTH
@@ -83,9 +91,8 @@ def test_corpus_documents_as_new_get_back_their_codes(run, tmp_path):
   np.testing.assert_array_equal(written.codes, ids.codes)
   np.testing.assert_array_equal(written.codes[:, :-1], existing.codes[:, :-1])
   # New codes follow each group's existing ones: the group's size, then up, in input order.
-  _, group_N, sizes_G = np.unique(existing.codes[:, :-1], axis=0, return_inverse=True,
-                                  return_counts=True)
-  expected = sizes_G[group_N.ravel()] + existing.codes[:, -1]
+  group_N, sizes_G = _groups(existing)
+  expected = sizes_G[group_N] + existing.codes[:, -1]
   np.testing.assert_array_equal(written.codes[:, -1], expected)
   assert written.disambiguation_size == int(expected.max()) + 1
   both = np.concatenate([existing.codes, written.codes])
@@ -142,13 +149,12 @@ def test_known_doc_id_is_an_error_before_any_encoding(run, tmp_path):
 def test_command_line(run, tmp_path):
   """Documents of a group with room get its next codes, in the existing disambiguation size."""
   existing = _existing(run)
-  _, group_N, sizes_G = np.unique(existing.codes[:, :-1], axis=0, return_inverse=True,
-                                  return_counts=True)
+  group_N, sizes_G = _groups(existing)
   # Two members of a group that has room for two more.
   eligible = np.flatnonzero((sizes_G >= 2) & (sizes_G + 2 <= existing.disambiguation_size))
   assert eligible.size, "no group of two or more with room for two"
   smallest = int(eligible[np.argmin(sizes_G[eligible])])
-  rows = np.flatnonzero(group_N.ravel() == smallest)[:2]
+  rows = np.flatnonzero(group_N == smallest)[:2]
   path = tmp_path / "docs.jsonl"
   path.write_text("".join(json.dumps({"doc_id": f"x{i}", "text": run.texts[i]}) + "\n"
                           for i in rows))
