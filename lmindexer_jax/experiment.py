@@ -99,7 +99,8 @@ def finetune_run(
   """Fine-tunes (or resumes) `task_name` on the IDs of `id_file`, as gin/runs/finetune.gin does.
 
   `disambiguation_size` overrides the ID file's (`semantic_ids.IdFile`): the comparison gives
-  every scheme the same vocabulary, hence the same model size. The settings in force are
+  every scheme of the same codebook sizes the same vocabulary, hence the same model size (atomic
+  IDs have a code per document). The settings in force are
   recorded in `init.json`, so `eval.evaluate` reads the IDs the same way.
 
   Returns:
@@ -260,8 +261,8 @@ def run(
     seed: seeds every sub-run.
     partitioner: the mesh of the fine-tuning runs.
     compilation_cache: keep XLA's compiled programs in MODEL_DIR/jax_cache (JAX's persistent
-      cache): runs of equal shapes (every scheme has the same vocabulary; tasks of the same
-      input length) then compile their train step once, and a rerun compiles nothing again.
+      cache): runs of equal shapes (schemes of the same vocabulary; tasks of the same input
+      length) then compile their train step once, and a rerun compiles nothing again.
   """
   start = time.time()
   finetune_config = finetune_config or FinetuneConfig()
@@ -276,7 +277,8 @@ def run(
     index_dir = os.path.join(model_dir, "index")
     _say(f"[1/4] indexing {index_task} in {index_dir}")
     id_files = _make_id_files(model_dir, index_dir, indexer, id_makers)
-    # One disambiguation size for all: the same vocabulary and model size for every scheme.
+    # One disambiguation size for all: schemes of the same codebook sizes get the same
+    # vocabulary and model size.
     disambiguation_size = max(semantic_ids.read(path).disambiguation_size
                               for path in id_files.values())
     runs = [(task, scheme) for task in tasks for scheme in id_files]

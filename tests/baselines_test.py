@@ -63,6 +63,15 @@ def test_random_codes_are_uniform_seeded_and_in_range():
     random_ids.random_codes(3, (4, 0), seed=0)
 
 
+def test_atomic_codes_give_each_document_its_own_seeded_code():
+  codes = random_ids.atomic_codes(50, seed=1)
+  _check_codes(codes, (50,), 50)
+  np.testing.assert_array_equal(np.sort(codes[:, 0]), np.arange(50))
+  np.testing.assert_array_equal(codes, random_ids.atomic_codes(50, seed=1))
+  assert (codes != random_ids.atomic_codes(50, seed=2)).any()
+  assert (codes[:, 0] != np.arange(50)).any()  # Shuffled, not the corpus order.
+
+
 @pytest.fixture(scope="module")
 def hkmeans():
   return hierarchical_kmeans.hierarchical_kmeans(X_NxD, SIZES, seed=0, num_iters=50)
@@ -224,15 +233,19 @@ def test_make_ids_writes_unique_ids_and_stats(scheme, tiny_corpus, tmp_path):
         kmeans_iters=30, kmeans_restarts=2,
         rqvae_config=dataclasses.replace(SMALL_RQVAE, num_steps=50))  # The fixture's shapes.
   ids = semantic_ids.read(str(tmp_path / scheme / "semantic_ids.tsv"), tiny_corpus.doc_ids)
-  assert ids.codebook_sizes == SIZES and ids.num_collisions() == 0
+  n = len(tiny_corpus.doc_ids)
+  sizes = (n,) if scheme == "atomic" else SIZES  # Atomic: one code per document.
+  assert ids.codebook_sizes == sizes and ids.num_collisions() == 0
   assert ids.disambiguation_size == stats["disambiguation_size"]
   assert ids.disambiguation_size == stats["positions"][-1]["max_group_size"]
   written = json.loads((tmp_path / scheme / "id_stats.json").read_text())
   assert written == json.loads(json.dumps(stats)) and written["unique"]
-  assert len(written["positions"]) == 2
-  for position in written["positions"]:
+  assert len(written["positions"]) == len(sizes)
+  for position, k in zip(written["positions"], sizes, strict=True):
     assert set(position["ami"]) == {"level_1", "level_2", "level_3"}
-    assert 1 <= position["codes_used"] <= 3
+    assert 1 <= position["codes_used"] <= k
+  if scheme == "atomic":
+    assert written["positions"][0]["codes_used"] == n and ids.disambiguation_size == 1
   level_1_ami = written["positions"][0]["ami"]["level_1"]
   if scheme in ("hkmeans", "rqkmeans"):
     assert level_1_ami > 0.999  # The vectors' top level is the corpus's level 1.

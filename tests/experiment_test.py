@@ -40,7 +40,7 @@ T5_CONFIG = t5.T5Config(vocab_size=0, emb_dim=32, num_heads=2, num_encoder_layer
                         num_decoder_layers=1, head_dim=16, mlp_dim=64,
                         mlp_activations=("gelu", "linear"), logits_via_embedding=False)
 TASKS = {"retrieval_indexing": 32, "rec": 32}
-SCHEMES = ("learned", "rqvae")  # random IDs: the same path without vectors (eval_test uses them)
+SCHEMES = ("learned", "rqvae", "atomic")  # random IDs take atomic's path (no vectors)
 BUDGET = experiment.FinetuneConfig(train_steps=8, batch_size=16, warmup_steps=2, target_length=4,
                                    log_period=4)
 
@@ -85,7 +85,8 @@ def _run(model_dir, calls, workers=1, indexer_config=T5_CONFIG, tasks=TASKS,
   return experiment.run(
       model_dir=str(model_dir), index_task=INDEX_TASK,
       indexer=functools.partial(fake_indexer, calls, t5_config=indexer_config),
-      id_makers={"rqvae": functools.partial(make_ids, scheme="rqvae", rqvae_config=config)},
+      id_makers={"rqvae": functools.partial(make_ids, scheme="rqvae", rqvae_config=config),
+                 "atomic": functools.partial(make_ids, scheme="atomic")},
       tasks=tasks, t5_config=T5_CONFIG,
       finetune_config=BUDGET,
       task_finetune_configs={"rec": dataclasses.replace(BUDGET, train_steps=12)},
@@ -124,10 +125,13 @@ def test_results_have_every_task_and_scheme(job):
       assert "recall@20" not in entry  # beam 10
       assert ("excluding_history" in entry) == (task == "rec")
       assert (model_dir / task / scheme / "run_test.trec").exists()
-  # Every scheme's runs have one vocabulary (one disambiguation size): the same model size.
-  sizes = {json.loads((model_dir / task / s / "init.json").read_text())["vocab_size"]
-           for task in TASKS for s in SCHEMES}
-  assert len(sizes) == 1
+  # One disambiguation size for all: schemes of the same codebook sizes have one vocabulary
+  # (the same model size); atomic IDs a code per document.
+  init = {(task, s): json.loads((model_dir / task / s / "init.json").read_text())
+          for task in TASKS for s in SCHEMES}
+  assert len({entry["disambiguation_size"] for entry in init.values()}) == 1
+  assert len({init[task, s]["vocab_size"] for task in TASKS for s in ("learned", "rqvae")}) == 1
+  assert {tuple(init[task, "atomic"]["codebook_sizes"]) for task in TASKS} == {(TINY.num_docs,)}
   # rec has its own budget (12 steps), retrieval the shared one (8), for every scheme.
   assert {t: b["train_steps"] for t, b in results["finetune"].items()} == {
       "retrieval_indexing": 8, "rec": 12}
@@ -151,7 +155,7 @@ def test_rerun_skips_finished_sub_runs(job, capsys):
     again = _run(model_dir, calls)
   out = capsys.readouterr().out
   assert calls == [str(model_dir / "index")]  # not indexed again
-  assert out.count("done before, skipped") == 1 + 1 + 3  # index, the rqvae IDs, 3 of 4 runs
+  assert out.count("done before, skipped") == 1 + 2 + 5  # index, 2 schemes' IDs, 5 of 6 runs
   assert "resumed from step 12" in out  # the redone run is only evaluated
   assert (redo / "metrics.jsonl").read_text() == trained
   assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -230,7 +234,7 @@ def test_gin_files_parse(monkeypatch):
         assert gin.query_parameter("MODEL_DIR/macro.value") == "/tmp/x"
       else:
         assert tasks == {"rec": 128}
-        assert set(makers) == {"random", "hkmeans", "rqkmeans", "rqvae"}
+        assert set(makers) == {"random", "atomic", "hkmeans", "rqkmeans", "rqvae"}
         assert gin.query_parameter("INDEX_TASK/macro.value") == "lmindexer.ml100k.index"
     finally:
       gin.clear_config()

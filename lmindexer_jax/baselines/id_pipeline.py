@@ -32,7 +32,7 @@ from lmindexer_jax.baselines import rq_kmeans
 from lmindexer_jax.baselines import rqvae
 from tasks import semantic_ids
 
-SCHEMES = ("random", "hkmeans", "rqkmeans", "rqvae")
+SCHEMES = ("random", "atomic", "hkmeans", "rqkmeans", "rqvae")
 STATS_FILE = "id_stats.json"
 EMBEDDINGS_FILE = "embeddings.npy"
 
@@ -91,9 +91,10 @@ def make_ids(
 
   Args:
     model_dir: where `semantic_ids.tsv`, `id_stats.json` (and `embeddings.npy`) go.
-    scheme: "random", "hkmeans" (DSI), "rqkmeans" (residual k-means) or "rqvae" (TIGER).
+    scheme: "random", "atomic" (one code per document), "hkmeans" (DSI), "rqkmeans" (residual
+      k-means) or "rqvae" (TIGER).
     index_task: a `lmindexer.<dataset>.index` seqio task (doc ids, tokens, labels).
-    codebook_sizes: K per learned position.
+    codebook_sizes: K per learned position (not for "atomic": one position of N codes).
     max_length: document tokens for the encoder.
     vectors_path: a `.npy` [N, D] of vectors in corpus order; overrides `encoder`.
     encoder: the frozen T5 whose mean-pooled encoder states are the vectors.
@@ -103,16 +104,18 @@ def make_ids(
   """
   if scheme not in SCHEMES:
     raise ValueError(f"Unknown ID scheme {scheme!r}; known: {', '.join(SCHEMES)}.")
-  sizes = tuple(int(k) for k in codebook_sizes)
   train.prepare_model_dir(model_dir)
   start = time.time()
   corpus = index_pipeline.load_corpus(index_task, max_length)
   n = len(corpus.doc_ids)
+  sizes = (n,) if scheme == "atomic" else tuple(int(k) for k in codebook_sizes)
   _say(f"{scheme}: {n} documents, codebooks {sizes}")
   stats: dict[str, Any] = {"scheme": scheme, "num_documents": n, "codebook_sizes": list(sizes),
                            "seed": seed}
   if scheme == "random":
     codes_NxC = random_ids.random_codes(n, sizes, seed)
+  elif scheme == "atomic":
+    codes_NxC = random_ids.atomic_codes(n, seed)
   else:
     x_NxD, stats["vectors"] = _vectors(corpus, vectors_path, encoder, model_dir)
     stats["vector_dim"] = int(x_NxD.shape[1])
