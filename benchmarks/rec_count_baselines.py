@@ -18,9 +18,12 @@ Ties are broken by item order in the corpus. Prints one JSON line per scorer.
 """
 
 import collections
+from collections.abc import Callable
+from collections.abc import Sequence
 import contextlib
 import json
 import sys
+from typing import Any
 
 from absl import flags
 import numpy as np
@@ -33,8 +36,10 @@ _DECAY = flags.DEFINE_float("decay", 0.5, "Weight of each older history item's t
 _KS = flags.DEFINE_list("ks", ["5", "10", "20"], "Metric cutoffs.")
 
 
-def _scorers(train, doc_index: dict[str, int], orders: list[int], decay: float):
-  """name -> fn(history doc ids, most recent first) -> float [num_items] scores."""
+def _scorers(train: Sequence[Any], doc_index: dict[str, int], orders: list[int],
+             decay: float) -> dict[str, Callable[[Sequence[str]], np.ndarray]]:
+  """name -> fn(history doc ids, most recent first) -> float [V] scores, from the training
+  examples (`corpus.RecExample`s)."""
   num_items = len(doc_index)
   popularity_V = np.zeros(num_items)
   follows = collections.defaultdict(collections.Counter)  # previous item -> {next item: count}
