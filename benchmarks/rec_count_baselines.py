@@ -49,19 +49,13 @@ def _scorers(train: Sequence[Any], doc_index: dict[str, int], orders: list[int],
     if ex.history:
       follows[doc_index[ex.history[0]]][target] += 1
   tie_break_V = popularity_V / max(popularity_V.max(), 1) * 1e-3
-  rows = {}
-  for item, counter in follows.items():
-    row_V = np.zeros(num_items)
-    row_V[list(counter)] = list(counter.values())
-    rows[item] = row_V
 
   def transitions(order):
     def score(history):
       scores_V = tie_break_V.copy()
       for i, doc_id in enumerate(history[:order]):
-        row_V = rows.get(doc_index[doc_id])
-        if row_V is not None:
-          scores_V += decay**i * row_V
+        counter = follows.get(doc_index[doc_id], {})
+        scores_V[list(counter)] += decay**i * np.array(list(counter.values()), np.float64)
       return scores_V
     return score
 
