@@ -38,7 +38,8 @@ from tasks import settings
 PREFIX = "lmindexer"
 ALL_TASKS = ("index", "indexing", "retrieval", "search", "rec", "rec_titles")
 TITLE_WORDS = 8  # default title: the first words of the text
-# Splits of at most this many examples keep their tokenized examples in memory (`_InMemoryTask`).
+# Splits of at most this many examples keep their tokenized examples in memory and are shuffled
+# whole (`_InMemoryTask`).
 MAX_EXAMPLES_IN_MEMORY = 100_000
 
 
@@ -52,14 +53,27 @@ class _InMemoryTask(seqio.Task):
   seqio's repeat and their output stays in memory when the split's size is known and at most
   `MAX_EXAMPLES_IN_MEMORY`; the rest run after it, as in any seqio Task. The examples and their
   order are those of the uncached pipeline. tf.data saves the kept examples with the input
-  pipeline's checkpoint (~600 bytes each on the synthetic tasks). This is not seqio's offline
-  cache, which the sources do not permit: the examples depend on the ID file active when the
-  dataset is built.
+  pipeline's checkpoint (~600 bytes each on the synthetic tasks), and the shuffle buffer below
+  (as much again). This is not seqio's offline cache, which the sources do not permit: the
+  examples depend on the ID file active when the dataset is built.
+
+  A shuffled dataset is shuffled over the whole split (up to `MAX_EXAMPLES_IN_MEMORY`), not
+  over seqio's default 1,000 examples: the sources list examples in order (a user's history
+  prefixes one after another), and a 1,000-example window fills each batch with a few users'
+  examples, in the same order every epoch.
   """
 
   def __init__(self, *args, num_cached_steps: int, **kwargs):
     super().__init__(*args, **kwargs)
     self._num_cached_steps = num_cached_steps
+
+  def get_dataset(self, sequence_length: Mapping[str, int] | None = None,
+                  split: str = "train", **kwargs) -> tf.data.Dataset:
+    if kwargs.get("shuffle", True) and kwargs.get("shuffle_buffer_size") is None:
+      count = int(self.source.get_dataset(split=split, shuffle=False).cardinality())
+      kwargs["shuffle_buffer_size"] = max(self.shuffle_buffer_size,
+                                          min(count, MAX_EXAMPLES_IN_MEMORY))
+    return super().get_dataset(sequence_length, split, **kwargs)
 
   def preprocess_precache(self, dataset: tf.data.Dataset, seed: int | None = None
                           ) -> tf.data.Dataset:

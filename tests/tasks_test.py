@@ -1,6 +1,7 @@
 """The seqio task family: every synthetic task feeds EncDecFeatureConverter; splits are right."""
 
 import collections
+import itertools
 import pathlib
 
 import gin
@@ -89,6 +90,26 @@ def test_examples_kept_in_memory_are_those_of_the_uncached_pipeline(task, monkey
   cached = three_epochs()
   monkeypatch.setattr(registration, "MAX_EXAMPLES_IN_MEMORY", 0)
   assert three_epochs() == cached
+
+
+def test_training_order_mixes_the_whole_split(monkeypatch):
+  """The rec source lists each user's examples together; a shuffled split draws from all of it.
+
+  seqio's buffer (1,000 by default, 4 here) would keep the first examples among the first users.
+  """
+  task = seqio.get_mixture_or_task(_name("rec"))
+  monkeypatch.setattr(task, "_shuffle_buffer_size", 4)
+  users = [e["user_id"] for e in _examples(_name("rec"))]
+  assert len(set(users[:16])) <= 4  # source order: a user's examples one after another
+  ds = task.get_dataset(None, split="train", shuffle=True, seed=0, num_epochs=1)
+  first = [users.index(e["user_id"]) for e in itertools.islice(ds.as_numpy_iterator(), 12)]
+  assert max(first) > len(users) // 2
+  assert len({users[i] for i in first}) >= 8
+  epoch = [e["user_id"] for e in ds.as_numpy_iterator()]
+  assert collections.Counter(epoch) == collections.Counter(users)
+  # An explicit buffer is kept.
+  ds = task.get_dataset(None, split="train", shuffle=True, seed=0, shuffle_buffer_size=4)
+  assert max(users.index(e["user_id"]) for e in itertools.islice(ds.as_numpy_iterator(), 12)) < 16
 
 
 def test_cached_steps_run_once_per_example():
