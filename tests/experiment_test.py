@@ -215,11 +215,12 @@ def test_vector_schemes_use_the_indexers_own_sizes(tmp_path, capsys):
 
 
 def test_gin_files_parse(monkeypatch):
-  """quickstart.gin and compare.gin + ml100k.gin bind the job (not run here)."""
+  """quickstart.gin, compare.gin + ml100k.gin and compare_ml100k.gin bind the job (not run)."""
   monkeypatch.chdir(REPO)
   monkeypatch.setattr(sys.modules["__main__"], "train", train.train, raising=False)
   monkeypatch.setattr(sys.modules["__main__"], "run", train.run, raising=False)
-  for files in (["gin/quickstart.gin"], ["gin/runs/compare.gin", "gin/data/ml100k.gin"]):
+  for files in (["gin/quickstart.gin"], ["gin/runs/compare.gin", "gin/data/ml100k.gin"],
+                ["gin/runs/compare_ml100k.gin"]):
     gin.clear_config()
     try:
       gin_utils.parse(files, ["MODEL_DIR = '/tmp/x'"], [])
@@ -232,8 +233,16 @@ def test_gin_files_parse(monkeypatch):
         assert set(makers) == {"random", "rqvae"}
         assert gin.query_parameter("rec/experiment.FinetuneConfig.train_steps") == 1000
         assert gin.query_parameter("MODEL_DIR/macro.value") == "/tmp/x"
+      elif files == ["gin/runs/compare_ml100k.gin"]:
+        # The README's ml100k settings replace the defaults that the other two files give.
+        assert tasks == {"rec": 32}
+        assert gin.query_parameter("tasks.corpus.RecConfig.max_history") == 3
+        assert gin.query_parameter("experiment.FinetuneConfig.train_steps") == 9000
+        assert gin.query_parameter("index_model/t5.T5Config.emb_dim") == 64
       else:
         assert tasks == {"rec": 128}
+        assert gin.query_parameter("tasks.corpus.RecConfig.max_history") == 20
+      if files != ["gin/quickstart.gin"]:
         assert set(makers) == {"random", "atomic", "hkmeans", "rqkmeans", "rqvae"}
         assert gin.query_parameter("INDEX_TASK/macro.value") == "lmindexer.ml100k.index"
     finally:
