@@ -69,6 +69,10 @@ class RealDataConfig:
     vocab_size: pieces of the trained vocabulary (without extra ids).
     vocab_train_docs: train the vocabulary on the first documents only; None = all.
     seed: SentencePiece's seed.
+    category_in_text: append each document's category path to its text (`Toy Story (1995);
+      category: Animation|Children's|Comedy`), as the paper's item text for recommendation
+      has the category (the Amazon builder writes it so already). AMI against those labels
+      then measures what the models were given to read.
   """
 
   # Per dataset (not gin-configurable): see `_dataset` below.
@@ -87,6 +91,7 @@ class RealDataConfig:
   vocab_size: int = 8000
   vocab_train_docs: int | None = None
   seed: int = 0
+  category_in_text: bool = False
 
   def __post_init__(self):
     if self.empty_documents not in ("skip", "error"):
@@ -229,7 +234,8 @@ class RealCorpus:
 
   Attributes:
     titles: the builder's titles ('' where the source has none).
-    texts: what a model reads (title and body, as the builder writes it).
+    texts: what a model reads (title and body, as the builder writes it; plus the category
+      path with `category_in_text`).
     label_paths: the category path of each document, top level first (() if unlabelled).
     labels: int32 [N, num_levels] prefix ids (see the module docstring); None if unlabelled.
     label_names: [level][id] -> the prefix path at that level, '/'-joined.
@@ -376,6 +382,12 @@ def load(config: RealDataConfig) -> RealCorpus:
   doc_ids = tuple(docs["doc_id"][:n])
   label_paths = tuple(tuple(path) for path in docs["labels"][:n])
   labels, label_names = encode_labels(label_paths)
+  texts = tuple(docs["text"][:n])
+  if config.category_in_text:
+    texts = tuple(
+        f"{text}; category: {'/'.join(path)}" if path else text
+        for text, path in zip(texts, label_paths, strict=True)
+    )
   kept = set(doc_ids)
 
   sequences = user_ids = None
@@ -390,7 +402,7 @@ def load(config: RealDataConfig) -> RealCorpus:
       config=config,
       doc_ids=doc_ids,
       titles=tuple(docs["title"][:n]),
-      texts=tuple(docs["text"][:n]),
+      texts=texts,
       label_paths=label_paths,
       labels=labels if label_names else None,
       label_names=label_names,

@@ -281,6 +281,19 @@ def test_ml100k_index(ml100k):
     _check_batches("lmindexer.ml100k.index")
 
 
+def test_ml100k_category_in_text(ml100k):
+  plain = real.load(ml100k)
+  config = dataclasses.replace(ml100k, category_in_text=True)
+  c = real.load(config)
+  assert c.texts[0] == "Toy Story (1995); category: Animation|Children's|Comedy"
+  assert c.doc_ids == plain.doc_ids and (c.labels == plain.labels).all()
+  with settings.configured(config):
+    (first,) = _examples("lmindexer.ml100k.index")[:1]
+  assert first["inputs_pretokenized"].decode() == c.texts[0]
+  # The vocabulary is trained on what the model reads: the genres are among its pieces.
+  assert real.vocabulary(config) != real.vocabulary(ml100k)
+
+
 def test_ml100k_rec_is_leave_last_out(ml100k, tmp_path):
   c = real.load(ml100k)
   with open(pathlib.Path(ml100k.manual_dir) / "sequences.jsonl") as f:
