@@ -290,7 +290,7 @@ def test_ml100k_category_in_text(ml100k):
   with settings.configured(config):
     (first,) = _examples("lmindexer.ml100k.index")[:1]
   assert first["inputs_pretokenized"].decode() == c.texts[0]
-  # The vocabulary is trained on what the model reads: the genres are among its pieces.
+  # The vocabulary is trained on what the model reads.
   assert real.vocabulary(config) != real.vocabulary(ml100k)
 
 
