@@ -199,6 +199,20 @@ class Trie:
     valid = {tuple(row) for row in np.asarray(self.id_codes).tolist()}
     return np.array([tuple(row) in valid for row in np.asarray(codes_NxC).tolist()], bool)
 
+  def covered_nodes(self, id_index: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The nodes all of whose IDs are among `id_index` (their leaves, and every ancestor whose
+    children are all covered), ascending: a search that may not return those IDs need not
+    enter them (`beam_search(excluded_nodes_BxH=...)`). Host-side, O(len(id_index) * C)."""
+    first_child = np.asarray(self.first_child)
+    level = np.unique(np.asarray(id_index, np.int64)) + self.depth_starts[self.num_positions]
+    covered = [level]
+    while len(level) and level[0] > 0:  # up to the root, while a whole subtree is covered
+      parent, count = np.unique(np.searchsorted(first_child, level, side="right") - 1,
+                                return_counts=True)
+      level = parent[count == first_child[parent + 1] - first_child[parent]]
+      covered.append(level)
+    return np.sort(np.concatenate(covered))
+
   def documents(self, id_index: int) -> np.ndarray:
     """Rows (of the codes the trie was built from) of the documents with ID `id_index`."""
     offsets = np.asarray(self.doc_offsets)
@@ -256,6 +270,15 @@ def _masked_log_softmax(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask, x - max_x - jnp.log(sum_exp), -jnp.inf)
 
 
+def _contains(sorted_BxH: jax.Array, x_BxWxD: jax.Array) -> jax.Array:
+  """Whether each x[b, ...] is among sorted[b, :] (ascending rows; bool, shaped like x)."""
+  x_BxM = x_BxWxD.reshape(x_BxWxD.shape[0], -1)
+  at_BxM = jax.vmap(jnp.searchsorted)(sorted_BxH, x_BxM)
+  at_BxM = jnp.minimum(at_BxM, sorted_BxH.shape[1] - 1)
+  found_BxM = jnp.take_along_axis(sorted_BxH, at_BxM, axis=1) == x_BxM
+  return found_BxM.reshape(x_BxWxD.shape)
+
+
 def beam_search(
     tokens_to_logits: TokensToLogits | None,
     initial_state: Any,
@@ -268,6 +291,7 @@ def beam_search(
     tokens_to_candidate_logits: TokensToCandidateLogits | None = None,
     gather_fn: GatherFn = gather_beams,
     decoder_start_token: int = 0,
+    excluded_nodes_BxH: jax.Array | None = None,
 ) -> BeamSearchResult:
   """Beam search that only emits the trie's IDs, as one traced program (jit it).
 
@@ -295,6 +319,10 @@ def beam_search(
       whole vocabulary).
     gather_fn: reorders the state per beam (default `gather_beams`).
     decoder_start_token: the first decoder input token.
+    excluded_nodes_BxH: optional int trie nodes (-1 = none) that query b may not enter:
+      `Trie.covered_nodes` of the IDs it may not return (a user's earlier items in
+      recommendation, which RecBole masks before ranking), so no beam is spent on a prefix
+      with no other ID below it and the R IDs returned are the best others the beams reach.
 
   Returns:
     A `BeamSearchResult` with R IDs per query, best first.
@@ -316,10 +344,14 @@ def beam_search(
   alive_BxW = jnp.ones((batch, 1), bool)
   codes_BxWxP = jnp.zeros((batch, 1, 0), jnp.int32)
   num_positions = trie.num_positions
+  if excluded_nodes_BxH is not None:
+    excluded_sorted_BxH = jnp.sort(excluded_nodes_BxH, axis=1)
   for p in range(num_positions):
     width = node_BxW.shape[1]
     child_BxWxD, code_BxWxD, valid_BxWxD = trie.children(node_BxW, p)
     valid_BxWxD = valid_BxWxD & alive_BxW[..., None]
+    if excluded_nodes_BxH is not None:
+      valid_BxWxD = valid_BxWxD & ~_contains(excluded_sorted_BxH, child_BxWxD)
     num_children = child_BxWxD.shape[-1]
     token_BxWxD = trie.token_starts[p] + code_BxWxD
     token_NxD = token_BxWxD.reshape(batch * width, num_children)
@@ -470,12 +502,13 @@ def _param_shardings(module: t5.Transformer, partitioner: partitioning.Partition
 @functools.lru_cache(maxsize=16)
 def _jitted_decoder(module: t5.Transformer, beam_size: int, num_return: int | None,
                     normalization: str, partitioner: partitioning.Partitioner | None):
-  def run(params, head_DxV, encoder_tokens_BxL, trie):
+  def run(params, head_DxV, encoder_tokens_BxL, trie, excluded_nodes_BxH):
     fns = t5_decoding_fns(module, params, encoder_tokens_BxL, trie.num_positions, head_DxV)
     return beam_search(
         fns.tokens_to_logits, fns.initial_state, trie, batch_size=encoder_tokens_BxL.shape[0],
         beam_size=beam_size, num_return=num_return, normalization=normalization,
-        tokens_to_candidate_logits=fns.tokens_to_candidate_logits)
+        tokens_to_candidate_logits=fns.tokens_to_candidate_logits,
+        excluded_nodes_BxH=excluded_nodes_BxH)
 
   if partitioner is None:
     return jax.jit(run)
@@ -484,7 +517,7 @@ def _jitted_decoder(module: t5.Transformer, beam_size: int, num_return: int | No
       run,
       in_shardings=(_param_shardings(module, partitioner),
                     partitioner.sharding(jax.sharding.PartitionSpec(None, "vocab")), batch(2),
-                    partitioner.replicated),
+                    partitioner.replicated, batch(2)),
       out_shardings=BeamSearchResult(batch(3), batch(2), batch(2), batch(2)))
 
 
@@ -498,6 +531,8 @@ class IdDecoder:
 
       decoder = IdDecoder(module, params, trie, beam_size=20)
       result = decoder(encoder_tokens_BxL)  # BeamSearchResult: codes [B, R, C], scores [B, R]
+
+  `excluded_nodes_BxH` (see `beam_search`) compiles a second program, once per its width H.
   """
 
   def __init__(self, module: t5.Transformer, params: Any, trie: Trie, *, beam_size: int = 20,
@@ -519,20 +554,24 @@ class IdDecoder:
             out_shardings=partitioner.sharding(jax.sharding.PartitionSpec(None, "vocab")))(
                 module, self._params)
 
-  def _placed(self, encoder_tokens_BxL: np.ndarray | jax.Array) -> tuple[Any, ...]:
+  def _placed(self, encoder_tokens_BxL: np.ndarray | jax.Array,
+              excluded_nodes_BxH: np.ndarray | jax.Array | None = None) -> tuple[Any, ...]:
     """The compiled program's arguments (call inside `_mesh()`)."""
-    encoder_tokens_BxL = np.asarray(encoder_tokens_BxL, np.int32)
+    batch = {"tokens": np.asarray(encoder_tokens_BxL, np.int32)}
+    if excluded_nodes_BxH is not None:
+      batch["excluded"] = np.asarray(excluded_nodes_BxH, np.int32)
     if self._partitioner is not None:
-      encoder_tokens_BxL = self._partitioner.global_batch({"x": encoder_tokens_BxL})["x"]
-    return self._params, self._head, encoder_tokens_BxL, self._trie
+      batch = self._partitioner.global_batch(batch)
+    return self._params, self._head, batch["tokens"], self._trie, batch.get("excluded")
 
   def _mesh(self):
     return (contextlib.nullcontext() if self._partitioner is None
             else self._partitioner.activate())
 
-  def __call__(self, encoder_tokens_BxL: np.ndarray | jax.Array) -> BeamSearchResult:
+  def __call__(self, encoder_tokens_BxL: np.ndarray | jax.Array,
+               excluded_nodes_BxH: np.ndarray | jax.Array | None = None) -> BeamSearchResult:
     with self._mesh():
-      return self._fn(*self._placed(encoder_tokens_BxL))
+      return self._fn(*self._placed(encoder_tokens_BxL, excluded_nodes_BxH))
 
   def cost_analysis(self, encoder_tokens_BxL: np.ndarray | jax.Array) -> dict[str, float]:
     """XLA's cost estimate of one call on this batch shape ('flops', 'bytes accessed', ...),
@@ -553,8 +592,9 @@ def decode_ids(
     num_return: int | None = None,
     normalization: str = "full",
     partitioner: partitioning.Partitioner | None = None,
+    excluded_nodes_BxH: np.ndarray | jax.Array | None = None,
 ) -> BeamSearchResult:
-  """One-shot `IdDecoder(module, params, trie, ...)(encoder_tokens_BxL)`.
+  """One-shot `IdDecoder(module, params, trie, ...)(encoder_tokens_BxL, excluded_nodes_BxH)`.
 
   The compiled program is cached per settings, but parameters are placed and the head
   prepared on every call: build an `IdDecoder` to decode many batches.
@@ -568,13 +608,14 @@ def decode_ids(
     num_return: IDs returned per query (R <= W; default W).
     normalization: 'full' (exact) or 'restricted' (see the module docstring).
     partitioner: run on its mesh (parameters sharded by logical axes, queries over `data`).
+    excluded_nodes_BxH: trie nodes each query may not enter (see `beam_search`).
 
   Returns:
     `BeamSearchResult`: codes [B, R, C], scores [B, R], id_index, valid.
   """
   decoder = IdDecoder(module, params, trie, beam_size=beam_size, num_return=num_return,
                       normalization=normalization, partitioner=partitioner)
-  return decoder(encoder_tokens_BxL)
+  return decoder(encoder_tokens_BxL, excluded_nodes_BxH)
 
 
 def ranked_documents(result: BeamSearchResult, trie: Trie,

@@ -15,9 +15,13 @@ the trie of the run's ID file; IDs map back to documents (`decoding.ranked_docum
 Writes to the output directory (MODEL_DIR by default): `run_<split>.trec` (the ranking, scores
 are the IDs' log-probabilities), `qrels_<split>.txt`, and `metrics_<split>.json`: Recall, NDCG,
 MRR and hit rate at each cutoff K <= num_return (a ranking of R IDs says nothing past R), the
-number of decoded IDs that are not in the ID file (`invalid_ids`, 0 when the trie holds), and,
-for recommendation, the same metrics with the user's earlier items removed from the ranking
-(`metrics_excluding_history`; `metrics` keeps them, as TIGER and the paper report).
+number of decoded IDs (of both searches, below) not in the ID file (`invalid_ids`, 0 when the
+trie holds), and, for recommendation, the same metrics with the user's earlier items removed
+from the ranking (`metrics_excluding_history`; `metrics` keeps them, as TIGER and the paper
+report). Removing them after the search would leave fewer than R items; instead a second
+search may not return an earlier item's ID nor enter a prefix that leads only to such IDs
+(`decoding.beam_search(excluded_nodes_BxH=...)`, as RecBole masks earlier items before
+ranking), so its R IDs are the best others it reaches (`run_<split>_excluding_history.trec`).
 
 Legend: B queries per batch, L input length, R returned IDs, C ID positions.
 """
@@ -51,6 +55,7 @@ EVAL_TASKS = {"retrieval_indexing": "retrieval", "retrieval": "retrieval", "sear
 REC_TASKS = ("rec", "rec_titles")
 METRICS_FILE = "metrics_{split}.json"
 RUN_FILE = "run_{split}.trec"
+EXCLUDING_HISTORY_RUN_FILE = "run_{split}_excluding_history.trec"
 QRELS_FILE = "qrels_{split}.txt"
 
 
@@ -149,7 +154,10 @@ def read_record(model_dir: str) -> dict[str, Any]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: not a fine-tuning run (no {finetune.INIT_FILE})")
   with open(path) as f:
-    record = json.load(f)
+    try:
+      record = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
   missing = [k for k in ("t5_config", "feature_lengths", "id_file", "task") if k not in record]
   if missing:
     raise ValueError(f"{path} lacks {missing}: the run was started before fine-tuning recorded "
@@ -165,27 +173,51 @@ def _strictly_decreasing(scores: Sequence[float]) -> list[float]:
   return out
 
 
+def excluded_nodes(trie: decoding.Trie, doc_ids: Sequence[str],
+                   queries: Queries) -> np.ndarray:
+  """int32 [Q, H]: per query, `trie.covered_nodes` of the IDs all of whose documents are its
+  earlier items, -1 padded (H >= 1). An ID shared with other documents stays allowed."""
+  offsets, rows = np.asarray(trie.doc_offsets), np.asarray(trie.doc_rows)
+  docs_per_id = np.diff(offsets)
+  id_of_row = np.empty(len(rows), np.int64)
+  id_of_row[rows] = np.repeat(np.arange(len(docs_per_id)), docs_per_id)
+  row_of = {d: i for i, d in enumerate(doc_ids)}
+  per_query = []
+  for qid in queries.query_ids:
+    earlier = [id_of_row[row_of[d]] for d in set(queries.earlier.get(qid, ())) if d in row_of]
+    ids, counts = np.unique(np.asarray(earlier, np.int64), return_counts=True)
+    per_query.append(trie.covered_nodes(ids[counts == docs_per_id[ids]]))
+  out = np.full((len(per_query), max([1, *map(len, per_query)])), -1, np.int32)
+  for i, ids in enumerate(per_query):
+    out[i, :len(ids)] = ids
+  return out
+
+
 def decode_run(
     module: t5.Transformer, params: Any, trie: decoding.Trie, queries: Queries,
     doc_ids: Sequence[str], *, beam_size: int, num_return: int, batch_size: int,
-    normalization: str = "full",
+    normalization: str = "full", excluded_nodes_QxH: np.ndarray | None = None,
 ) -> tuple[dict[str, list[str]], dict[str, list[float]], np.ndarray]:
   """Ranked documents, their scores, and the decoded codes int32 [Q, R, C] (-1: unfilled).
 
   Queries go in batches of one shape (the last padded with copies of its first row), so the
-  decoder compiles once.
+  decoder compiles once. `excluded_nodes_QxH` (`excluded_nodes`): trie nodes each query may
+  not enter.
   """
   decoder = decoding.IdDecoder(module, params, trie, beam_size=beam_size, num_return=num_return,
                                normalization=normalization)
   num_queries = len(queries.query_ids)
   batch_size = max(1, min(batch_size, num_queries))
+
+  def batch_of(x_QxX, start):
+    x_BxX = x_QxX[start:start + batch_size]
+    return np.concatenate([x_BxX, np.repeat(x_BxX[:1], batch_size - len(x_BxX), 0)])
+
   run, scores, codes = {}, {}, []
   for start in range(0, num_queries, batch_size):
-    tokens_BxL = queries.tokens_QxL[start:start + batch_size]
-    count = len(tokens_BxL)
-    if count < batch_size:
-      tokens_BxL = np.concatenate([tokens_BxL, np.repeat(tokens_BxL[:1], batch_size - count, 0)])
-    result = decoder(tokens_BxL)
+    count = min(batch_size, num_queries - start)
+    result = decoder(batch_of(queries.tokens_QxL, start),
+                     None if excluded_nodes_QxH is None else batch_of(excluded_nodes_QxH, start))
     result = decoding.BeamSearchResult(*(np.asarray(x)[:count] for x in (
         result.codes, result.scores, result.id_index, result.valid)))
     offsets, rows = np.asarray(trie.doc_offsets), np.asarray(trie.doc_rows)
@@ -273,9 +305,15 @@ def evaluate(
   run, scores, codes_QxRxC = decode_run(
       t5.Transformer(config), params, trie, queries, ids.doc_ids, beam_size=beam_size,
       num_return=num_return, batch_size=batch_size, normalization=normalization)
-  invalid, unfilled = count_invalid(codes_QxRxC, ids)
-  run_path = evaluation.write_run(os.path.join(output_dir, RUN_FILE.format(split=split)),
-                                  run, scores)
+  runs = {RUN_FILE: (run, scores, codes_QxRxC)}
+  if is_rec:
+    runs[EXCLUDING_HISTORY_RUN_FILE] = decode_run(
+        t5.Transformer(config), params, trie, queries, ids.doc_ids, beam_size=beam_size,
+        num_return=num_return, batch_size=batch_size, normalization=normalization,
+        excluded_nodes_QxH=excluded_nodes(trie, ids.doc_ids, queries))
+  invalid, unfilled = np.sum([count_invalid(codes, ids) for _, _, codes in runs.values()], 0)
+  run_paths = {name: evaluation.write_run(os.path.join(output_dir, name.format(split=split)),
+                                          *runs[name][:2]) for name in runs}
   qrels_path = evaluation.write_qrels(os.path.join(output_dir, QRELS_FILE.format(split=split)),
                                       queries.qrels)
   result: dict[str, Any] = {
@@ -291,14 +329,15 @@ def evaluate(
       "normalization": normalization,
       "ks": list(ks),
       "metrics": metrics.ir_metrics(run, queries.qrels, ks),
-      "invalid_ids": invalid,
-      "unfilled": unfilled,
-      "run_file": run_path,
+      "invalid_ids": int(invalid),
+      "unfilled": int(unfilled),
+      "run_file": run_paths[RUN_FILE],
       "qrels_file": qrels_path,
   }
   if is_rec:
-    result["metrics_excluding_history"] = metrics.ir_metrics(run, queries.qrels, ks,
-                                                             exclude=queries.earlier)
+    result["metrics_excluding_history"] = metrics.ir_metrics(
+        runs[EXCLUDING_HISTORY_RUN_FILE][0], queries.qrels, ks, exclude=queries.earlier)
+    result["run_file_excluding_history"] = run_paths[EXCLUDING_HISTORY_RUN_FILE]
   result["seconds"] = round(time.time() - start_time, 1)
   files.write_json(os.path.join(output_dir, METRICS_FILE.format(split=split)), result)
   if verbose:

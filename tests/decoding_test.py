@@ -158,6 +158,53 @@ def test_wide_beam_equals_exhaustive_ranking(normalization, dense):
   np.testing.assert_array_equal(np.asarray(narrow.id_index)[:, 0], order[:, 0])
 
 
+def test_covered_nodes_close_over_whole_subtrees():
+  layout = vocabularies.IdLayout(base_size=10, codebook_sizes=(2, 3))
+  # root 0; depth 1: (0)=1, (1)=2; leaves (0,1)=3 [ID 0], (0,2)=4 [ID 1], (1,0)=5 [ID 2].
+  trie = decoding.Trie.from_codes(np.array([[0, 1], [0, 2], [1, 0]]), layout)
+  assert trie.covered_nodes([0]).tolist() == [3]
+  assert trie.covered_nodes([1, 0, 1]).tolist() == [1, 3, 4]
+  assert trie.covered_nodes([2]).tolist() == [2, 5]
+  assert trie.covered_nodes([0, 1, 2]).tolist() == [0, 1, 2, 3, 4, 5]
+  assert trie.covered_nodes([]).tolist() == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_excluded_ids_are_never_returned_and_do_not_cost_beams(seed):
+  rng = np.random.default_rng(seed)
+  trie, layout = _random_trie(rng, dense=bool(seed % 2))
+  batch, beam = 3, int(rng.integers(1, 9))
+  fn, state = _toy_model(layout.vocab_size, trie.num_positions, batch, seed)
+  banned = [[], *(rng.choice(trie.num_ids, size=int(rng.integers(1, trie.num_ids + 1)),
+                             replace=False).tolist() for _ in range(batch - 1))]
+  covered = [trie.covered_nodes(ids) for ids in banned]
+  excluded = np.full((batch, max(map(len, covered))), -1, np.int32)
+  for b, nodes in enumerate(covered):
+    excluded[b, :len(nodes)] = nodes
+
+  def search(width, excluded_nodes_BxH=None):
+    return jax.jit(lambda s, t, e: decoding.beam_search(
+        fn, s, t, batch_size=batch, beam_size=width, excluded_nodes_BxH=e))(
+            state, trie, excluded_nodes_BxH)
+
+  plain, masked = search(beam), search(beam, excluded)
+  exhaustive = search(trie.num_ids, excluded)
+  reference = _exhaustive(fn, state, trie, batch, False)
+  for b in range(batch):
+    got = np.asarray(masked.id_index)[b][np.asarray(masked.valid)[b]]
+    assert not set(banned[b]) & set(got.tolist())
+    # No beam is lost to a prefix with only excluded IDs below it.
+    assert len(got) == min(beam, trie.num_ids - len(banned[b]))
+    np.testing.assert_allclose(np.asarray(masked.scores)[b][:len(got)], reference[b, got],
+                               atol=1e-4, rtol=1e-5)
+    # A beam as wide as the trie: the exhaustive ranking without the excluded IDs.
+    order = [u for u in np.argsort(-reference[b], kind="stable").tolist()
+             if u not in banned[b]]
+    assert np.asarray(exhaustive.id_index)[b][:len(order)].tolist() == order
+  # Nothing excluded: the plain search.
+  np.testing.assert_array_equal(np.asarray(plain.id_index)[0], np.asarray(masked.id_index)[0])
+
+
 def test_rejects_bad_arguments():
   layout = vocabularies.IdLayout(base_size=5, codebook_sizes=(2,))
   trie = decoding.Trie.from_codes(np.array([[0], [1]]), layout)
@@ -353,6 +400,17 @@ def test_decode_ids_on_8_device_mesh_equals_one_device():
     np.testing.assert_array_equal(sharded.codes, single.codes)
     # float32 sums of log-probs near -12 differ in their last bits with the partitioning.
     np.testing.assert_allclose(sharded.scores, single.scores, rtol=2e-6, atol=1e-5)
+  # Excluded nodes are split over `data` with their queries.
+  banned = np.asarray(single.id_index)[:, :2]
+  excluded = np.stack([trie.covered_nodes(ids) for ids in banned])  # 2 leaves each
+  single = decoding.decode_ids(module, params, queries, trie, beam_size=7, num_return=5,
+                               partitioner=partitioning.Partitioner(num_devices=1),
+                               excluded_nodes_BxH=excluded)
+  sharded = decoding.decode_ids(module, params, queries, trie, beam_size=7, num_return=5,
+                                partitioner=partitioning.Partitioner(num_partitions=2),
+                                excluded_nodes_BxH=excluded)
+  np.testing.assert_array_equal(sharded.codes, single.codes)
+  assert not (np.asarray(single.id_index)[:, :, None] == banned[:, None]).any()
 
 
 # ------------------------------ Hugging Face parity -----------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import xla_env
 
+from lmindexer_jax import decoding
 from lmindexer_jax import eval as eval_lib
 from lmindexer_jax import evaluation
 from lmindexer_jax import experiment
@@ -17,6 +18,7 @@ from lmindexer_jax import finetune
 from lmindexer_jax import metrics
 from lmindexer_jax import partitioning
 from lmindexer_jax import t5
+from lmindexer_jax import vocabularies
 from tasks import semantic_ids
 from tasks import settings
 from tasks import synthetic
@@ -93,10 +95,28 @@ def test_rec_metrics_with_and_without_earlier_items(runs):
   run, _ = evaluation.read_run(result["run_file"])
   assert evaluation.read_qrels(result["qrels_file"]) == qrels
   assert result["metrics"] == metrics.ir_metrics(run, qrels, (1, 5))
-  assert result["metrics_excluding_history"] == metrics.ir_metrics(run, qrels, (1, 5),
+  # The second search may not return an earlier item, so the removal does not cut the
+  # ranking short (the first search's would be: earlier items are among its IDs).
+  without, _ = evaluation.read_run(result["run_file_excluding_history"])
+  assert list(without) == list(run)
+  for user, docs in without.items():
+    assert not set(docs) & set(earlier[user]) and len(docs) == BEAM
+  assert any(set(run[user]) & set(earlier[user]) for user in run)
+  assert result["metrics_excluding_history"] == metrics.ir_metrics(without, qrels, (1, 5),
                                                                    exclude=earlier)
   assert {"hit@1", "hit@5"} <= set(result["metrics"])
   assert "earlier items removed" in eval_lib.table(result)
+
+
+def test_excluded_nodes_keep_ids_shared_with_other_documents():
+  layout = vocabularies.IdLayout(base_size=4, codebook_sizes=(3,))
+  # Documents a and c share ID 0 (leaf 1); b has ID 1 (leaf 2); d has ID 2 (leaf 3).
+  trie = decoding.Trie.from_codes(np.array([[0], [1], [0], [2]]), layout)
+  queries = eval_lib.Queries(query_ids=("u", "v", "w"), tokens_QxL=np.zeros((3, 2), np.int32),
+                             qrels={}, earlier={"u": ("a", "b"), "v": ("a", "c", "d", "x")})
+  np.testing.assert_array_equal(
+      eval_lib.excluded_nodes(trie, ["a", "b", "c", "d"], queries),
+      [[2, -1], [1, 3], [-1, -1]])
 
 
 def test_record_rebuilds_the_run(runs):
@@ -108,6 +128,12 @@ def test_record_rebuilds_the_run(runs):
   assert config == T5_CONFIG.replace(vocab_size=record["vocab_size"], dtype="float32")
   restored = finetune.settings_from_record(record)
   assert TINY in restored
+
+
+def test_damaged_record_names_its_file(tmp_path):
+  (tmp_path / finetune.INIT_FILE).write_text('{"init": "scratch",\n "task": ')
+  with pytest.raises(ValueError, match=rf"{finetune.INIT_FILE}:2: not JSON"):
+    eval_lib.read_record(str(tmp_path))
 
 
 def test_command_line_rebuilds_everything_from_model_dir(runs, tmp_path):
