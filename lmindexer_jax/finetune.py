@@ -181,8 +181,9 @@ def initial_params(
     columns of an untied head) are the source's, the rest are freshly initialised.
 
   Raises:
-    ValueError: a bad `init`, or a source whose vocabulary or architecture (parameter shapes,
-      `checkpoint_import.check_params_fit`) is not `t5_config`'s.
+    ValueError: a bad `init`, targets too short for the IDs, or a source whose vocabulary or
+      architecture (parameter shapes, `checkpoint_import.check_params_fit`) is not
+      `t5_config`'s.
   """
   if init not in INITS:
     raise ValueError(f"INIT must be one of {INITS}, got {init!r}")
@@ -192,6 +193,12 @@ def initial_params(
         f"the model's vocab_size ({t5_config.vocab_size}) is not the vocabulary size of "
         f"{task_name} ({layout.vocab_size}); size it with finetune.task_model_config"
     )
+  if feature_lengths is not None and int(feature_lengths["targets"]) < layout.num_positions + 1:
+    raise ValueError(
+        f"targets of {feature_lengths['targets']} tokens would cut the IDs of "
+        f"{settings.get(semantic_ids.IdFile).path or task_name} ({layout.num_positions} "
+        f"positions + EOS): set TARGET_LENGTH (FinetuneConfig.target_length) to at least "
+        f"{layout.num_positions + 1}")
   rng = jax.random.PRNGKey(seed + 1)  # The appended rows: not the scratch init's key.
   if init == "indexer":
     if not index_dir:

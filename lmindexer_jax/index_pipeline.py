@@ -28,6 +28,7 @@ import json
 import os
 from typing import Any
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -36,6 +37,7 @@ import orbax.checkpoint as ocp
 from scipy import optimize
 import seqio
 
+from lmindexer_jax import checkpoint_import
 from lmindexer_jax import checkpoints
 from lmindexer_jax import data
 from lmindexer_jax import files
@@ -482,7 +484,8 @@ def copy_codebook_into_vocabulary(
   """E_t becomes the embeddings (and, untied, the output columns) of position t's ID tokens.
 
   Then the LM's logits over those tokens are h E_t^T (times a positive constant for the tied
-  head), so greedy decoding restricted to them assigns the same codes as the quantizer.
+  head), so greedy decoding restricted to them assigns the same codes as the dot-product
+  quantizer (not always as the cosine one, `IndexerConfig.quantizer_normalize`).
   """
   start, end = layout.position_range(position)
   model = dict(params["t5"])
@@ -506,6 +509,7 @@ def index(
     max_length: int = 64,
     partitioner: partitioning.Partitioner | None = None,
     seed: int = 0,
+    hf_dir: str = "",
 ) -> dict | None:
   """Runs (or resumes) the whole schedule; returns the index stats, or None if preempted.
 
@@ -518,6 +522,9 @@ def index(
     max_length: document tokens, for training and assignment alike.
     partitioner: the mesh; all devices, data-parallel, by default.
     seed: seeds parameters, batches, masks and k-means.
+    hf_dir: a local Hugging Face T5 folder the T5 starts from (the paper starts from t5-base;
+      `t5_config` must have its sizes, and the corpus should use its `spiece.model`); "" starts
+      from random weights. The reconstructor and codebooks start fresh either way.
   """
   train.prepare_model_dir(model_dir)
   config = config or indexer.IndexerConfig()
@@ -542,7 +549,7 @@ def index(
   module = indexer.SemanticIndexer(t5_config, layout, config)
   num_positions = len(config.codebook_sizes)
   codes_NxC = np.zeros((n, 0), np.int32)
-  stats: dict[str, Any] = {"num_documents": n, "positions": []}
+  stats: dict[str, Any] = {"num_documents": n, "t5_init": hf_dir or "scratch", "positions": []}
   _say(f"{n} documents, {max_length} tokens, codebooks {config.codebook_sizes}")
 
   def stage_dir(name):
@@ -559,21 +566,24 @@ def index(
     return info
 
   def train_stage(name, spec, steps, init, learning_rate=None, code_targets_N=None):
-    """Trains stage `name` to `steps` from params `init` (resuming, or skipped if finished).
+    """Trains stage `name` to `steps` from `init` (params, a function giving them, or None: the
+    trainer's initialisation), resuming, or skipped if finished.
 
     Returns its final parameters, or None if it was preempted.
     """
+    init_fn = init if callable(init) or init is None else lambda: init
 
     def run():
       if steps == 0:
         # Nothing to train (the k-means-only ablation): the stage's result is `init` itself.
-        if init is None:
+        if init_fn is None:
           raise ValueError(f"stage {name} needs at least one step (it has no input parameters).")
-        _save_params(stage_dir(name), init)
+        _save_params(stage_dir(name), init_fn())
         return {}
       batches = DocumentBatches(
           corpus.tokens_NxL, schedule.batch_size, seed=seed + 7919 * len(stats["positions"]),
-          prefix_codes_NxP=codes_NxC if spec.position else None,
+          # The joint stage's prefixes are its own current codes, not batch groups.
+          prefix_codes_NxP=codes_NxC if spec.position and not spec.joint else None,
           num_negatives=config.num_negatives, code_targets_N=code_targets_N)
       _say(f"stage {name}: {steps} steps")
       state = train.train(
@@ -583,14 +593,24 @@ def index(
           total_steps=steps, model_dir=stage_dir(name), partitioner=partitioner,
           checkpoint_cfg=checkpoints.CheckpointConfig(schedule.checkpoint_period, keep=1),
           seed=seed, log_period=schedule.log_period,
-          init_params_fn=None if init is None else lambda: init)
+          init_params_fn=init_fn)
       return {} if int(state.step) == steps else None
 
     return None if stage(name, run) is None else final_params(stage_dir(name))
 
+  def pretrained_start():
+    """Fresh parameters whose T5 is the Hugging Face folder's (code-token rows appended)."""
+    model = indexer.IndexerModel(module, indexer.Stage(0, use_codebook=False))
+    batch = {"encoder_input_tokens": jax.ShapeDtypeStruct((1, max_length), jnp.int32)}
+    fresh = jax.jit(lambda rng: nn.unbox(model.init_params(rng, batch)))(
+        jax.random.PRNGKey(seed))
+    t5_params = checkpoint_import.pretrained_params(hf_dir, layout.vocab_size, seed=seed + 1)
+    checkpoint_import.check_params_fit(t5_params, t5_config, hf_dir)
+    return {**jax.tree.map(np.asarray, fresh), "t5": t5_params}
+
   # Before position 1: the reconstructor learns to read h while T5 stays as initialised.
   params = train_stage("warmup", indexer.Stage(0, use_codebook=False, freeze_t5=True),
-                       schedule.warmup_steps, None)
+                       schedule.warmup_steps, pretrained_start if hf_dir else None)
   if params is None:
     return None
 

@@ -50,15 +50,17 @@ class IndexerConfig:
     contrastive_weight: one weight, or (position 1, later positions): in-batch negatives at
       position 1 teach instance identity, same-prefix negatives later separate siblings, and a
       corpus may want one and not the other.
-    reconstruction_weight, contrastive_weight, commitment_weight: loss weights; 0 switches a
-      term off (the "no reconstructor / no contrastive / no commitment" ablations).
+    reconstruction_weight, commitment_weight: loss weights; 0 switches a term off (the "no
+      reconstructor / no commitment" ablations; contrastive_weight 0: "no contrastive").
     code_commitment_weight: weight of `losses.code_commitment_loss` (straight-through
       quantizer, training steps of every stage that quantizes): holds each document at its
       k-means code while the encoder trains (in the joint ablation, at its current code). 0,
       the reference, lets codes drift from the k-means start.
     quantizer_temperature: softmax temperature of the straight-through quantizer.
     gumbel_scale: Gumbel noise on the quantizer logits while training (0: none, the reference).
-    quantizer_normalize: cosine instead of dot-product code logits.
+    quantizer_normalize: cosine instead of dot-product code logits. The LM's greedy choice
+      among a position's tokens (dot products with the copied codewords) can then differ from
+      the code where codeword norms differ; the IDs are the quantizer's.
     quantizer_kind: 'straight_through' (the method) or 'ema_vq': VQ-VAE's nearest codeword (L2)
       with an EMA codebook and its own commitment term (`vq_commitment_weight`, EMA decay
       `ema_decay`). Its codewords keep their k-means norms, so the LM's greedy choice among a
@@ -212,8 +214,9 @@ class SemanticIndexer(nn.Module):
     """h_1..h_C with the decoder fed its own greedy codes (the "all positions at once" mode).
 
     c_t = argmax h_t . E_t with the tied codebooks (`tied_codebook`); the codes are chosen
-    without dropout and without gradient, then one decoder pass over [start, c_1..c_(C-1)]
-    gives every h_t (the decoder is causal, so h_t sees only c_1..c_(t-1)).
+    without gradient, by decoder passes without dropout over the one encoding (with dropout
+    while training), then one decoder pass over [start, c_1..c_(C-1)] gives every h_t (the
+    decoder is causal, so h_t sees only c_1..c_(t-1)).
 
     Returns:
       (h_BxCxD float32, codes_BxC int32 greedy codes).
@@ -343,25 +346,27 @@ class IndexerModel(models.BaseModel):
     metrics = {}
     total = jnp.zeros((), jnp.float32)
 
-    # Reconstruction from the ID (quantized once the codebook exists).
+    # The quantizer, once the codebook exists (also without reconstruction: code commitment
+    # and the EMA codebook need it).
     q = None
+    if stage.use_codebook:
+      if cfg.quantizer_kind == quantizer.EMA_VQ:
+        update = not deterministic and not stage.freeze_t5
+        q, new_vars = apply(SemanticIndexer.quantize, t, h_BxD, update_ema=update,
+                            mutable=[quantizer.EMA_COLLECTION])
+        total += q.vq_commitment_loss
+        metrics["vq_commitment_loss"] = q.vq_commitment_loss
+        if update:
+          metrics[models.STATE_UPDATES] = new_vars[quantizer.EMA_COLLECTION]
+      else:
+        gumbel = rngs.get("gumbel") if cfg.gumbel_scale else None
+        q = apply(SemanticIndexer.quantize, t, h_BxD, gumbel)
+      metrics["codes_used_in_batch"] = jnp.sum(
+          jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
+
+    # Reconstruction from the ID (the quantized h_t once the codebook exists).
     if cfg.reconstruction_weight:
-      id_h_BxD = h_BxD
-      if stage.use_codebook:
-        if cfg.quantizer_kind == quantizer.EMA_VQ:
-          update = not deterministic and not stage.freeze_t5
-          q, new_vars = apply(SemanticIndexer.quantize, t, h_BxD, update_ema=update,
-                              mutable=[quantizer.EMA_COLLECTION])
-          total += q.vq_commitment_loss
-          metrics["vq_commitment_loss"] = q.vq_commitment_loss
-          if update:
-            metrics[models.STATE_UPDATES] = new_vars[quantizer.EMA_COLLECTION]
-        else:
-          gumbel = rngs.get("gumbel") if cfg.gumbel_scale else None
-          q = apply(SemanticIndexer.quantize, t, h_BxD, gumbel)
-        id_h_BxD = q.quantized_BxD
-        metrics["codes_used_in_batch"] = jnp.sum(
-            jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
+      id_h_BxD = h_BxD if q is None else q.quantized_BxD
       loss, m = self._reconstruction_term(
           apply, rngs, tokens_BxL, t + 1, cfg.mask_ratio(t),
           lambda mask_BxLxS: apply(
@@ -432,7 +437,7 @@ class IndexerModel(models.BaseModel):
     num_positions = h_BxCxD.shape[1]
     metrics = {}
     total = jnp.zeros((), jnp.float32)
-    if cfg.reconstruction_weight:
+    if cfg.reconstruction_weight or cfg.code_commitment_weight:
       gumbel_rngs = [None] * num_positions
       if cfg.gumbel_scale and "gumbel" in rngs:
         gumbel_rngs = list(jax.random.split(rngs["gumbel"], num_positions))
@@ -450,6 +455,7 @@ class IndexerModel(models.BaseModel):
           metrics.update({f"{key}_{t + 1}": value for key, value in m.items()})
         metrics[f"codes_used_in_batch_{t + 1}"] = jnp.sum(
             jnp.bincount(q.codes_B, length=cfg.codebook_sizes[t]) > 0).astype(jnp.float32)
+    if cfg.reconstruction_weight:
       loss, m = self._reconstruction_term(
           apply, rngs, tokens_BxL, num_positions, cfg.mask_ratio(num_positions - 1),
           lambda mask_BxLxS: apply(

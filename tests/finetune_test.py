@@ -233,6 +233,10 @@ def test_bad_initialisations(tmp_path):
     finetune.initial_params(init="indexer", index_dir=str(tmp_path / "nothing"), **kwargs)
   with pytest.raises(ValueError, match="vocab_size"):
     finetune.initial_params(init="scratch", **dict(kwargs, t5_config=_tiny_config(100)))
+  positions = finetune.task_id_vocabulary(TASK).layout.num_positions
+  with pytest.raises(ValueError, match=f"TARGET_LENGTH .* at least {positions + 1}"):
+    finetune.initial_params(init="scratch", feature_lengths={"inputs": 8, "targets": positions},
+                            **kwargs)
   with pytest.raises(ValueError, match="not an ID task"):
     finetune.task_id_vocabulary("lmindexer.synthetic.index")
 

@@ -18,6 +18,7 @@ import pytest
 import xla_env
 
 from lmindexer_jax import assign
+from lmindexer_jax import checkpoint_import
 from lmindexer_jax import index_pipeline
 from lmindexer_jax import indexer
 from lmindexer_jax import indexer_manifest
@@ -126,14 +127,18 @@ def test_contrastive_weight_per_position(position):
     indexer.Stage(0, use_codebook=True),
     indexer.Stage(1, use_codebook=True, joint=True),
 ])
-def test_code_commitment_is_added_wherever_the_quantizer_runs(stage):
-  """The weighted pull towards the k-means code, per quantized position; none without one."""
-  module = _module(contrastive_weight=0.0, commitment_weight=0.0, code_commitment_weight=0.5)
+@pytest.mark.parametrize("reconstruction_weight", [1.0, 0.0])
+def test_code_commitment_is_added_wherever_the_quantizer_runs(stage, reconstruction_weight):
+  """The weighted pull towards the k-means code, per quantized position; none without one.
+  Also in the "no reconstructor" ablation, where it alone trains the codebook."""
+  module = _module(contrastive_weight=0.0, commitment_weight=0.0, code_commitment_weight=0.5,
+                   reconstruction_weight=reconstruction_weight)
   model = indexer.IndexerModel(module, stage)
   targets = np.arange(8, dtype=np.int32) % 4
   batch = {"encoder_input_tokens": _batch(0)["encoder_input_tokens"], "code_targets": targets}
   params = _unboxed_params(model, batch)
-  loss, metrics = jax.jit(model.loss_fn)(params, batch, jax.random.PRNGKey(1))
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))(
+      params, batch, jax.random.PRNGKey(1))
   names = (["code_commitment_loss_1", "code_commitment_loss_2"] if stage.joint
            else ["code_commitment_loss"] * stage.use_codebook)
   assert {name for name in metrics if name.startswith("code_commitment")} == set(names)
@@ -150,9 +155,13 @@ def test_code_commitment_is_added_wherever_the_quantizer_runs(stage):
     with pytest.raises(ValueError, match="code_targets"):
       model.loss_fn(params, {"encoder_input_tokens": batch["encoder_input_tokens"]},
                     jax.random.PRNGKey(1))
-  expected = float(metrics["reconstruction_loss"]) + 0.5 * sum(
+  assert ("reconstruction_loss" in metrics) == bool(reconstruction_weight)
+  expected = float(metrics.get("reconstruction_loss", 0.0)) + 0.5 * sum(
       float(metrics[name]) for name in names)
   assert float(loss) == pytest.approx(expected, rel=1e-5)
+  if not stage.joint:
+    codebook_grad = float(jnp.abs(grads["quantizers_0"]["codebook"]).sum())
+    assert (codebook_grad > 0) == stage.use_codebook
   # Evaluation (no rng) leaves it out, and needs no targets.
   _, metrics = model.loss_fn(params, {"encoder_input_tokens": batch["encoder_input_tokens"]},
                              None)
@@ -532,6 +541,35 @@ def _index_tiny_corpus(tmp_path, schedule, **config):
         t5_config=T5_CONFIG.replace(vocab_size=0), schedule=schedule, max_length=24,
         config=indexer.IndexerConfig(codebook_sizes=(2, 2), **config),
         partitioner=partitioning.Partitioner(num_devices=1))
+
+
+def test_pipeline_starts_from_a_hugging_face_t5(tmp_path):
+  """`hf_dir`: the warm-up stage (T5 frozen) keeps the folder's T5 as it is, code-token rows
+  appended; the reconstructor trains from scratch."""
+  import torch  # noqa: PLC0415 (only this test needs PyTorch)
+  import transformers  # noqa: PLC0415
+
+  torch.manual_seed(0)
+  hf_config = transformers.T5Config(
+      vocab_size=200, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+      feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+  transformers.T5ForConditionalGeneration(hf_config).save_pretrained(str(tmp_path / "hf"))
+  schedule = dataclasses.replace(_SCHEDULE, warmup_steps=2, nocode_steps=2, quantized_steps=2)
+  with settings.configured(_TINY):
+    stats = index_pipeline.index(
+        model_dir=str(tmp_path / "run"), index_task="lmindexer.synthetic.index",
+        t5_config=T5_CONFIG.replace(vocab_size=0), schedule=schedule, max_length=24,
+        config=indexer.IndexerConfig(codebook_sizes=(2,)), hf_dir=str(tmp_path / "hf"),
+        partitioner=partitioning.Partitioner(num_devices=1))
+  assert stats["t5_init"] == str(tmp_path / "hf") and stats["unique"]
+  _, hf_params = checkpoint_import.load_checkpoint(str(tmp_path / "hf"))
+  warm = index_pipeline.final_params(str(tmp_path / "run" / "stages" / "warmup"))
+  # The corpus's 300 pieces and 2 code tokens; rows past the folder's 200 are fresh.
+  assert warm["t5"]["token_embedder"]["embedding"].shape[0] == 300 + 2
+  warm_t5 = dict(warm["t5"], token_embedder={
+      "embedding": warm["t5"]["token_embedder"]["embedding"][:200]},
+                 logits_dense={"kernel": warm["t5"]["logits_dense"]["kernel"][:, :200]})
+  jax.tree.map(np.testing.assert_array_equal, warm_t5, jax.tree.map(np.asarray, hf_params))
 
 
 def test_all_positions_at_once_ablation(tmp_path):
