@@ -285,6 +285,27 @@ def encode_corpus(
       params, tokens_NxL, prefix_codes_NxP, partitioner, batch_size)
 
 
+def greedy_agreement(
+    module: indexer.SemanticIndexer, params: Any, tokens_NxL: np.ndarray, codes_NxC: np.ndarray,
+    partitioner: partitioning.Partitioner, batch_size: int,
+) -> list[float]:
+  """Per position, the share of documents whose code is the T5's greedy choice among that
+  position's ID tokens, the decoder fed the earlier codes: 1.0 where `params`' T5 reproduces
+  the codes, as the indexer whose T5 downstream runs start from should."""
+  starts = module.layout.position_starts
+
+  def agree(p, x, c):
+    _, logits_BxCxV = module.apply(indexer.variables(p), x, c, enable_dropout=False,
+                                   method=indexer.SemanticIndexer.represent)
+    greedy_BxC = jnp.stack([
+        jnp.argmax(logits_BxCxV[:, t, starts[t]:starts[t] + k], axis=-1)
+        for t, k in enumerate(module.config.codebook_sizes)], axis=1)
+    return (greedy_BxC == c).astype(jnp.float32)
+
+  agree_NxC = _map_corpus(agree, params, tokens_NxL, codes_NxC, partitioner, batch_size)
+  return [float(a) for a in agree_NxC.mean(axis=0)]
+
+
 def decoded_features(
     module: indexer.SemanticIndexer, params: Any, tokens_NxL: np.ndarray,
     prefix_codes_NxP: np.ndarray, partitioner: partitioning.Partitioner, batch_size: int,
@@ -725,6 +746,8 @@ def index(
   # Unique IDs: documents sharing a full ID get a disambiguation code, sized by the largest group.
   final_NxC1, disambiguation_size = semantic_ids.append_disambiguation(codes_NxC)
   stats.update(
+      greedy_agreement=greedy_agreement(module, params, corpus.tokens_NxL, codes_NxC,
+                                        partitioner, schedule.eval_batch_size),
       collision_rate_before_disambiguation=metrics.group_stats(codes_NxC)["collision_rate"],
       disambiguation_size=disambiguation_size,
       unique=metrics.group_stats(final_NxC1)["max_group_size"] == 1,
