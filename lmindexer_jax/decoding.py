@@ -207,8 +207,7 @@ class Trie:
     level = np.unique(np.asarray(id_index, np.int64)) + self.depth_starts[self.num_positions]
     covered = [level]
     while len(level) and level[0] > 0:  # up to the root, while a whole subtree is covered
-      parent, count = np.unique(np.searchsorted(first_child, level, side="right") - 1,
-                                return_counts=True)
+      parent, count = np.unique(_parents(first_child, level), return_counts=True)
       level = parent[count == first_child[parent + 1] - first_child[parent]]
       covered.append(level)
     return np.sort(np.concatenate(covered))
@@ -219,13 +218,16 @@ class Trie:
     return np.asarray(self.doc_rows)[offsets[id_index]:offsets[id_index + 1]]
 
 
+def _parents(first_child: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+  """The parent of each (non-root) node: the last node whose children start at or before it."""
+  return np.searchsorted(first_child, nodes, side="right") - 1
+
+
 def _dense_table(first_child: np.ndarray, node_code: np.ndarray, max_codes: int) -> np.ndarray:
   num_nodes = len(node_code)
   table = np.full((num_nodes, max_codes), -1, np.int32)
   children = np.arange(1, num_nodes)
-  # The parent of node n is the last node whose children start at or before n.
-  parents = np.searchsorted(first_child, children, side="right") - 1
-  table[parents, node_code[children]] = children
+  table[_parents(first_child, children), node_code[children]] = children
   return table
 
 

@@ -194,18 +194,15 @@ def excluded_nodes(trie: decoding.Trie, doc_ids: Sequence[str],
 
 
 def decode_run(
-    module: t5.Transformer, params: Any, trie: decoding.Trie, queries: Queries,
-    doc_ids: Sequence[str], *, beam_size: int, num_return: int, batch_size: int,
-    normalization: str = "full", excluded_nodes_QxH: np.ndarray | None = None,
+    decoder: decoding.IdDecoder, trie: decoding.Trie, queries: Queries, doc_ids: Sequence[str],
+    *, batch_size: int, excluded_nodes_QxH: np.ndarray | None = None,
 ) -> tuple[dict[str, list[str]], dict[str, list[float]], np.ndarray]:
   """Ranked documents, their scores, and the decoded codes int32 [Q, R, C] (-1: unfilled).
 
-  Queries go in batches of one shape (the last padded with copies of its first row), so the
-  decoder compiles once. `excluded_nodes_QxH` (`excluded_nodes`): trie nodes each query may
-  not enter.
+  `decoder` searches `trie`. Queries go in batches of one shape (the last padded with copies
+  of its first row), so the decoder compiles once. `excluded_nodes_QxH` (`excluded_nodes`):
+  trie nodes each query may not enter.
   """
-  decoder = decoding.IdDecoder(module, params, trie, beam_size=beam_size, num_return=num_return,
-                               normalization=normalization)
   num_queries = len(queries.query_ids)
   batch_size = max(1, min(batch_size, num_queries))
 
@@ -302,14 +299,14 @@ def evaluate(
   if verbose:
     print(f"[eval] {task_name} {split}: {len(queries.query_ids)} queries, {trie.num_ids} IDs, "
           f"beam {beam_size}, step {step} of {model_dir}", flush=True)
-  run, scores, codes_QxRxC = decode_run(
-      t5.Transformer(config), params, trie, queries, ids.doc_ids, beam_size=beam_size,
-      num_return=num_return, batch_size=batch_size, normalization=normalization)
+  decoder = decoding.IdDecoder(t5.Transformer(config), params, trie, beam_size=beam_size,
+                               num_return=num_return, normalization=normalization)
+  run, scores, codes_QxRxC = decode_run(decoder, trie, queries, ids.doc_ids,
+                                        batch_size=batch_size)
   runs = {RUN_FILE: (run, scores, codes_QxRxC)}
   if is_rec:
     runs[EXCLUDING_HISTORY_RUN_FILE] = decode_run(
-        t5.Transformer(config), params, trie, queries, ids.doc_ids, beam_size=beam_size,
-        num_return=num_return, batch_size=batch_size, normalization=normalization,
+        decoder, trie, queries, ids.doc_ids, batch_size=batch_size,
         excluded_nodes_QxH=excluded_nodes(trie, ids.doc_ids, queries))
   invalid, unfilled = np.sum([count_invalid(codes, ids) for _, _, codes in runs.values()], 0)
   run_paths = {name: evaluation.write_run(os.path.join(output_dir, name.format(split=split)),
